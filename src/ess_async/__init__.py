@@ -1,0 +1,44 @@
+"""ess_async: a durable asyncio email outbox.
+
+Messages are written to an on-disk spool before ``create_work`` returns, and delivered
+over SMTP by ``spawn`` concurrent senders in one asyncio process.
+"""
+
+from __future__ import annotations
+
+from .client import Client
+from .config import Config, load_config
+from .errors import (
+    ConfigError,
+    DeliveryError,
+    EssError,
+    MessageError,
+    PermanentDeliveryError,
+    SpoolError,
+    TemporaryDeliveryError,
+    WorkspaceLockedError,
+)
+from .manager import Manager
+from .sender import WorkloadSummary
+from .transports import SendResult, Transport
+
+__all__ = (
+    "Client",
+    "Config",
+    "ConfigError",
+    "DeliveryError",
+    "EssError",
+    "Manager",
+    "MessageError",
+    "PermanentDeliveryError",
+    "SendResult",
+    "SpoolError",
+    "TemporaryDeliveryError",
+    "Transport",
+    "WorkloadSummary",
+    "WorkspaceLockedError",
+    "__version__",
+    "load_config",
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,268 @@
+"""Command line: ``python -m ess_async COMMAND [--workspace DIR] ...`` (also ``ess-async``).
+
+Only this module configures logging. Errors print one line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .client import Client
+from .config import parse_config
+from .errors import EssError
+from .lock import lock_holder
+from .manager import Manager, default_workspace
+from .sender import WorkloadSummary
+
+__all__ = ("cli", "main")
+
+logger = logging.getLogger("ess_async.cli")
+
+
+def _add_workspace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", "-w", type=Path, default=None,
+                   help="spool folder (default: $ESS_DATA, else ./ess_data)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ess-async",
+                                     description="A durable asyncio email outbox.")
+    parser.add_argument("--log-level", default=os.environ.get("ESS_LOG_LEVEL", "INFO"),
+                        help="logging level (default INFO, or $ESS_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="deliver until SIGTERM/SIGINT")
+    _add_workspace(p)
+    p.add_argument("--spawn", type=int, default=None, help="concurrent senders")
+
+    p = sub.add_parser("process", help="deliver what is due now, then exit")
+    _add_workspace(p)
+    p.add_argument("--spawn", type=int, default=None, help="concurrent senders")
+
+    p = sub.add_parser("email", help="queue one message")
+    _add_workspace(p)
+    p.add_argument("--to", action="append", default=[], help="recipient (repeatable)")
+    p.add_argument("--cc", action="append", default=[])
+    p.add_argument("--bcc", action="append", default=[])
+    p.add_argument("--from", dest="from_", default=None)
+    p.add_argument("--reply-to", dest="reply_to", default=None)
+    p.add_argument("--subject", default="")
+    body = p.add_mutually_exclusive_group()
+    body.add_argument("--body", default=None, help="text body")
+    body.add_argument("--body-file", type=Path, default=None, help="text body file, - for stdin")
+    p.add_argument("--html-file", type=Path, default=None)
+    p.add_argument("--attach", action="append", default=[], type=Path, help="file to attach")
+    p.add_argument("--tag", action="append", default=[], dest="tags")
+
+    p = sub.add_parser("testmail", help="queue N test messages")
+    _add_workspace(p)
+    p.add_argument("-n", type=int, default=1)
+    p.add_argument("--to", action="append", default=[], required=True)
+    p.add_argument("--from", dest="from_", default=None)
+
+    p = sub.add_parser("status", help="messages per state")
+    _add_workspace(p)
+    p.add_argument("--json", action="store_true")
+
+    for name, text in (("cleanup", "requeue messages left claimed by a crash"),
+                       ("config", "write a commented config.toml unless one exists"),
+                       ("stop", "ask the server delivering this workspace to stop, and wait")):
+        _add_workspace(sub.add_parser(name, help=text))
+
+    p = sub.add_parser("demo", help="queue and deliver messages to a built-in local sink")
+    p.add_argument("-n", type=int, default=20)
+    p.add_argument("--spawn", type=int, default=3)
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def parseargs(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def _workspace(args: argparse.Namespace) -> Path:
+    return Path(args.workspace).absolute() if args.workspace else default_workspace()
+
+
+def _read_text(path: Path) -> str:
+    if str(path) == "-":
+        return sys.stdin.read()
+    return path.read_text(encoding="utf-8")
+
+
+def _cmd_email(args: argparse.Namespace) -> int:
+    attrs: dict[str, Any] = {
+        "to": args.to or None, "cc": args.cc or None, "bcc": args.bcc or None,
+        "from_": args.from_, "reply_to": args.reply_to, "subject": args.subject,
+        "tags": args.tags or None, "attachments": [str(a) for a in args.attach] or None,
+    }
+    try:
+        if args.body_file is not None:
+            attrs["body"] = _read_text(args.body_file)
+        else:
+            attrs["body"] = args.body
+        if args.html_file is not None:
+            attrs["html"] = _read_text(args.html_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EssError(f"cannot read body: {exc}") from None
+    print(Client(_workspace(args)).create_work(**attrs))
+    return 0
+
+
+def _cmd_testmail(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise EssError("-n must be at least 1")
+    client = Client(_workspace(args))
+    for i in range(args.n):
+        client.create_work(to=args.to, from_=args.from_, subject=f"ess_async test {i + 1}",
+                           body=f"Test message {i + 1} of {args.n}.\n", tags=["testmail"])
+    print(f"queued {args.n} test message(s)")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    workspace = _workspace(args)
+    counts = Manager(workspace).status()
+    counts["total"] = sum(counts.values())
+    pid = lock_holder(workspace)
+    if args.json:
+        print(json.dumps({**counts, "server_pid": pid}))
+    else:
+        for state, n in counts.items():
+            print(f"{state:>9}  {n}")
+        print(f"   server  {'pid ' + str(pid) if pid else 'not running'}")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace, *, timeout: float = 60.0) -> int:
+    workspace = _workspace(args)
+    pid = lock_holder(workspace)
+    if pid is None:
+        print("no server is running", file=sys.stderr)
+        return 1
+    if pid > 0:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while lock_holder(workspace) is not None:
+        if time.monotonic() > deadline:
+            raise EssError(f"server pid {pid} did not stop within {timeout:.0f}s")
+        time.sleep(0.05)
+    print("stopped")
+    return 0
+
+
+class _Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.enabled = sys.stderr.isatty() and total > 0
+
+    def __call__(self, summary: WorkloadSummary) -> None:
+        if self.enabled:
+            done = summary.total
+            width = 30
+            filled = int(width * min(done, self.total) / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
+                             f"  passed {summary.passed} failed {summary.failed}"
+                             f" deferred {summary.deferred}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _print_summary(summary: WorkloadSummary) -> None:
+    print(f"passed {summary.passed}, failed {summary.failed}, deferred {summary.deferred}, "
+          f"corrupt {summary.corrupt}")
+
+
+async def _process(args: argparse.Namespace) -> int:
+    manager = Manager(_workspace(args), spawn=args.spawn)
+    progress = _Progress(manager.spool.count("queued"))
+    try:
+        summary = await manager.process_workload(progress=progress)
+    finally:
+        progress.close()
+    _print_summary(summary)
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    manager = Manager(_workspace(args), spawn=args.spawn)
+    summary = await manager.delegate_workload()
+    logger.info("stopped: passed %d, failed %d, deferred %d", summary.passed, summary.failed,
+                summary.deferred)
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .devsink import DevSink
+
+    async with DevSink() as sink:
+        with tempfile.TemporaryDirectory(prefix="ess_demo_") as tmp:
+            config = parse_config({"message": {"from": "demo@example.com"},
+                                   "transport": {"smtp": {"port": sink.port}}})
+            manager = Manager(Path(tmp) / "ess_data", spawn=args.spawn, config=config)
+            start = time.perf_counter()
+            for i in range(args.n):
+                await manager.create_work(to=f"user{i}@example.com", subject=f"demo {i}",
+                                          body="Hello from ess_async.\n")
+            queued = time.perf_counter()
+            summary = await manager.process_workload()
+            done = time.perf_counter()
+            print(f"queued {args.n} messages in {queued - start:.3f}s; delivered to a local "
+                  f"SMTP sink on 127.0.0.1:{sink.port} in {done - queued:.3f}s")
+            _print_summary(summary)
+            print(f"sink received {sink.count}; spool status: {manager.status()}")
+            return 0 if sink.count == args.n == summary.passed else 1
+
+
+def cli(*argv: str) -> int:
+    """Run a command as the console script would; returns the exit status."""
+    return main(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parseargs(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "version":
+            print(__version__)
+            return 0
+        if args.command == "email":
+            return _cmd_email(args)
+        if args.command == "testmail":
+            return _cmd_testmail(args)
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "stop":
+            return _cmd_stop(args)
+        if args.command == "config":
+            print(Manager(_workspace(args)).create_config())
+            return 0
+        if args.command == "cleanup":
+            print(json.dumps(asyncio.run(Manager(_workspace(args)).cleanup())))
+            return 0
+        runner = {"serve": _serve, "process": _process, "demo": _demo}[args.command]
+        return asyncio.run(runner(args))
+    except (EssError, ValueError, OSError) as exc:
+        print(f"ess-async {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

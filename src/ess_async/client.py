@@ -1,0 +1,35 @@
+"""Synchronous enqueue for code without an event loop (WSGI apps, scripts, the CLI)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+from .manager import default_workspace
+from .message import build_message
+from .spool import Spool, new_record
+
+__all__ = ("Client",)
+
+
+class Client:
+    """``Client(workspace).create_work(**attrs)`` spools a message durably and returns its
+    path. It never takes the workspace lock, so it works while a server delivers."""
+
+    def __init__(self, workspace: str | os.PathLike[str] | None = None, *,
+                 config: Config | None = None) -> None:
+        self.workspace = Path(workspace).absolute() if workspace else default_workspace()
+        self.config = config if config is not None else load_config(
+            self.workspace / "config.toml")
+        self.spool = Spool(self.workspace, max_size=self.config.server.max_message_size)
+        self._ensured = False
+
+    def create_work(self, **attrs: Any) -> Path:
+        spec = build_message(attrs, self.config.message)
+        if not self._ensured:
+            self.spool.ensure()
+            self._ensured = True
+        return self.spool.write("queued", new_record(spec, time.time()))

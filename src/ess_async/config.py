@@ -1,0 +1,208 @@
+"""Configuration: ``<workspace>/config.toml`` read with tomllib into frozen dataclasses.
+
+Unknown keys and wrong types are rejected with a ConfigError naming the key. Passwords
+never live in the file: ``password_env`` names the environment variable that holds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError, MessageError
+from .message import build_message
+
+__all__ = (
+    "CONFIG_TEMPLATE",
+    "Config",
+    "MaildirConfig",
+    "RetryConfig",
+    "ServerConfig",
+    "SmtpConfig",
+    "TransportConfig",
+    "load_config",
+    "parse_config",
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    spawn: int = 3
+    grace: float = 10.0  # seconds in-flight sends get to finish on stop
+    max_message_size: int = 50 * 1024 * 1024  # bytes of a spool file
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    min_backoff: float = 60.0
+    max_backoff: float = 3600.0
+    max_age: float = 5 * 24 * 3600.0
+    max_attempts: int = 0  # 0 = no limit but max_age
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: Literal["none", "starttls", "tls"] = "none"
+    username: str = ""
+    password_env: str = "ESS_SMTP_PASSWORD"
+    timeout: float = 30.0
+    local_hostname: str = ""
+    tls_ca_file: str = ""
+
+    def password(self) -> str | None:
+        """The password from the environment; never stored on this object."""
+        return os.environ.get(self.password_env) if self.password_env else None
+
+
+@dataclass(frozen=True)
+class MaildirConfig:
+    path: str = "maildir"  # relative to the workspace
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    type: Literal["smtp", "maildir"] = "smtp"
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    maildir: MaildirConfig = field(default_factory=MaildirConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    message: dict[str, Any] = field(default_factory=dict)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+
+_MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags"})
+_POSITIVE = {"spawn", "grace", "timeout", "min_backoff", "max_backoff", "max_age",
+             "max_message_size"}
+
+
+def _convert(key: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            choices = " | ".join(map(str, get_args(hint)))
+            raise ConfigError(key, f"must be one of {choices}, not {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        value = float(value)
+    elif hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(key, f"must be an integer, not {value!r}")
+    elif hint in (str, bool) and not isinstance(value, hint):
+        raise ConfigError(key, f"must be a {hint.__name__}, not {value!r}")
+    elif hint is float and not isinstance(value, float):
+        raise ConfigError(key, f"must be a number, not {value!r}")
+    if key.rsplit(".", 1)[-1] in _POSITIVE and value <= 0:
+        raise ConfigError(key, f"must be positive, not {value!r}")
+    if key.endswith("max_attempts") and value < 0:
+        raise ConfigError(key, "must be 0 (no limit) or more")
+    return value
+
+
+def _build(cls: type[Any], table: object, prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(prefix, "must be a table")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(full, "unknown key")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, full)  # type: ignore[arg-type]
+        elif key == "message":
+            kwargs[key] = _message_defaults(value)
+        else:
+            kwargs[key] = _convert(full, hint, value)
+    return cls(**kwargs)
+
+
+def _message_defaults(table: object) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError("message", "must be a table")
+    for key in table:
+        if key not in _MESSAGE_DEFAULT_KEYS:
+            raise ConfigError(f"message.{key}", "unknown key")
+    defaults = {("from_" if k == "from" else k): v for k, v in table.items()}
+    # Validate the defaults once, with a placeholder recipient, so a typo fails at start-up.
+    try:
+        build_message({"to": "check@example.com", "from_": "check@example.com", **defaults})
+    except MessageError as exc:
+        raise ConfigError(f"message.{exc.field.removesuffix('_')}", exc.problem) from None
+    return defaults
+
+
+def parse_config(data: dict[str, Any], source: object = None) -> Config:
+    """Build a Config from an already-parsed TOML document."""
+    try:
+        config: Config = _build(Config, data, "")
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, path=source) from None
+    if config.retry.max_backoff < config.retry.min_backoff:
+        raise ConfigError("retry.max_backoff", "must be at least retry.min_backoff", path=source)
+    return config
+
+
+def load_config(path: Path) -> Config:
+    """Read ``path``; a missing file means all defaults."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read: {exc}", path=path) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"invalid TOML: {exc}", path=path) from None
+    return parse_config(data, path)
+
+
+CONFIG_TEMPLATE = """\
+# ess_async configuration. Every key is optional; the values shown are the defaults.
+
+[message]
+# Defaults merged under every message; a message's own values win.
+# from = "app@example.com"
+# reply_to = "support@example.com"
+# headers = { "X-Mailer" = "ess_async" }
+
+[server]
+spawn = 3            # concurrent senders, each with its own SMTP connection
+grace = 10           # seconds in-flight sends may finish when stopping
+# max_message_size = 52428800
+
+[retry]
+min_backoff = 60     # seconds before a temporarily failed message is tried again
+max_backoff = 3600
+max_age = 432000     # 5 days, then the message fails
+max_attempts = 0     # 0 = no limit but max_age
+
+[transport]
+type = "smtp"        # smtp | maildir (development: writes messages to a folder)
+
+[transport.smtp]
+host = "127.0.0.1"
+port = 25
+tls = "none"         # none | starttls | tls (certificates are verified)
+username = ""
+password_env = "ESS_SMTP_PASSWORD"   # the password comes from this environment variable
+timeout = 30
+# tls_ca_file = "/path/to/private-ca.pem"
+
+[transport.maildir]
+path = "maildir"     # relative to the workspace
+"""

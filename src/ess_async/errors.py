@@ -1,0 +1,76 @@
+"""Exception hierarchy: one root, subclasses that also inherit the matching builtin."""
+
+from __future__ import annotations
+
+__all__ = (
+    "ConfigError",
+    "DeliveryError",
+    "EssError",
+    "MessageError",
+    "PermanentDeliveryError",
+    "SpoolError",
+    "TemporaryDeliveryError",
+    "WorkspaceLockedError",
+)
+
+
+class EssError(Exception):
+    """Root of every error ess_async raises on purpose."""
+
+
+class MessageError(EssError, ValueError):
+    """A message given to ``create_work`` is invalid; ``.field`` names the culprit."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class ConfigError(EssError, ValueError):
+    """The configuration file is unreadable or holds a bad key or value; ``.key`` names it."""
+
+    def __init__(self, key: str, problem: str, *, path: object = None) -> None:
+        self.key = key
+        self.problem = problem
+        self.path = path
+        where = f"{path}: " if path is not None else ""
+        super().__init__(f"{where}{key}: {problem}" if key else f"{where}{problem}")
+
+
+class WorkspaceLockedError(EssError, RuntimeError):
+    """Another process is already delivering this workspace."""
+
+    def __init__(self, workspace: object, pid: int | None) -> None:
+        self.workspace = workspace
+        self.pid = pid
+        holder = f" (pid {pid})" if pid else ""
+        super().__init__(
+            f"workspace {workspace} is already being delivered by another process{holder}")
+
+
+class SpoolError(EssError, OSError):
+    """A spool operation failed (disk full, permissions, ...)."""
+
+
+class DeliveryError(EssError):
+    """A transport could not deliver a message. ``code`` is the SMTP reply code, if any."""
+
+    temporary: bool = True
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code} {message}" if code else message)
+
+
+class TemporaryDeliveryError(DeliveryError, ConnectionError):
+    """Try again later: a 4xx reply, a refused or dropped connection, a timeout."""
+
+    temporary = True
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Do not try again: a 5xx reply."""
+
+    temporary = False

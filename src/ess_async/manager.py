@@ -1,0 +1,355 @@
+"""The Manager: enqueue messages and run the senders that deliver them.
+
+One asyncio loop runs ``spawn`` sender coroutines pulling from a priority queue fed by a
+start-up scan, a watchfiles watcher on ``queued/``, timers for deferred messages, and
+``create_work`` itself. Whatever delivers holds the workspace lock; enqueueing never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiofiles.os
+
+from .config import CONFIG_TEMPLATE, Config, load_config
+from .errors import EssError, SpoolError
+from .journal import Journal, replay
+from .lock import WorkspaceLock
+from .message import build_message
+from .retry import RetryPolicy
+from .sender import Dispatcher, WorkItem, WorkloadSummary
+from .spool import CorruptRecord, Spool, new_record
+from .transports import Transport, create_transport
+from .watcher import watch_queued
+
+__all__ = ("Manager", "default_workspace")
+
+logger = logging.getLogger("ess_async.manager")
+
+JOURNAL_NAME = "journal.log"
+_COMPACT_AFTER = 20_000  # journal entries
+_RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
+
+
+def default_workspace() -> Path:
+    """``$ESS_DATA`` if set, else ``./ess_data``; always absolute."""
+    return Path(os.environ.get("ESS_DATA") or "ess_data").absolute()
+
+
+class _Run:
+    """Everything that exists only while this manager is delivering."""
+
+    def __init__(self, dispatcher: Dispatcher, journal: Journal) -> None:
+        self.dispatcher = dispatcher
+        self.journal = journal
+        self.queue: asyncio.PriorityQueue[WorkItem] = asyncio.PriorityQueue()
+        self.pending: set[str] = set()
+        self.timers: list[tuple[float, str]] = []
+        self.timer_wake = asyncio.Event()
+        self.stop_event = asyncio.Event()
+        self.busy: set[asyncio.Task[None]] = set()
+        self.live = False  # True while delegate_workload serves (new work is offered)
+
+
+class Manager:
+    """Enqueue and deliver the messages of one workspace (see the README for the API)."""
+
+    def __init__(self, workspace: str | os.PathLike[str] | None = None, *,
+                 spawn: int | None = None, config: Config | None = None,
+                 clock: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random,
+                 transport_factory: Callable[[], Transport] | None = None) -> None:
+        self.workspace = Path(workspace).absolute() if workspace else default_workspace()
+        self.config = config if config is not None else load_config(self.config_path)
+        if spawn is not None and (not isinstance(spawn, int) or spawn < 1):
+            raise ValueError(f"spawn must be a positive integer, not {spawn!r}")
+        self.spawn = spawn or self.config.server.spawn
+        self.clock = clock
+        self.rand = rand
+        self.spool = Spool(self.workspace, max_size=self.config.server.max_message_size)
+        self.policy = RetryPolicy.from_config(self.config.retry)
+        self._transport_factory = transport_factory or (
+            lambda: create_transport(self.config.transport, self.workspace))
+        self._lock = WorkspaceLock(self.workspace)
+        self._ensured = False
+        self._run: _Run | None = None
+        self._serve_task: asyncio.Task[WorkloadSummary] | None = None
+        self.workers: list[asyncio.Task[None]] = []
+        self._write = aiofiles.os.wrap(self.spool.write)
+        self.last_recovery: dict[str, int] = {}
+
+    @property
+    def config_path(self) -> Path:
+        return self.workspace / "config.toml"
+
+    def _ensure(self) -> None:
+        if not self._ensured:
+            self.spool.ensure()
+            self._ensured = True
+
+    # -- enqueueing ------------------------------------------------------------------
+
+    async def create_work(self, **attrs: Any) -> Path:
+        """Validate and spool one message; the file is durable when this returns."""
+        spec = build_message(attrs, self.config.message)
+        self._ensure()
+        record = new_record(spec, self.clock())
+        path: Path = await self._write("queued", record)
+        run = self._run
+        if run is not None and run.live:
+            self._offer(run, record["id"], "queued")
+        return path
+
+    def create_config(self) -> Path:
+        """Write a commented ``config.toml`` unless one exists; return its path."""
+        self._ensure()
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(CONFIG_TEMPLATE)
+        return self.config_path
+
+    def status(self) -> dict[str, int]:
+        """How many messages are in each state (a folder count; cheap)."""
+        return self.spool.counts()
+
+    # -- opening and closing a delivery run ------------------------------------------
+
+    def _open_run(self) -> _Run:
+        if self._run is not None:
+            raise EssError("this manager is already delivering")
+        self._ensure()
+        self._lock.acquire()
+        try:
+            journal_path = self.workspace / JOURNAL_NAME
+            entries = replay(journal_path)
+            journal = Journal(journal_path)
+            dispatcher = Dispatcher(self.spool, journal, self.policy, clock=self.clock,
+                                    rand=self.rand)
+            self.last_recovery = settled = dispatcher.recover(entries)
+            if any(settled.values()):
+                logger.info("recovered claims from an earlier run: %s", settled)
+            journal.compact([])
+            self.spool.clean_tmp()
+        except BaseException:
+            self._lock.release()
+            raise
+        run = _Run(dispatcher, journal)
+        dispatcher.on_deferred = lambda msg_id, due: self._schedule(run, msg_id, due)
+        dispatcher.on_finished = lambda msg_id, state: self._maybe_compact(run)
+        self._run = run
+        return run
+
+    async def _close_run(self, run: _Run) -> None:
+        try:
+            await asyncio.gather(*run.dispatcher.finishing, return_exceptions=True)
+            # Whatever is still claimed (a send cut off at the deadline) goes back to
+            # queued/, or to passed/ if the journal shows the server accepted it.
+            run.dispatcher.recover(replay(run.journal.path))
+            run.journal.compact([])
+        finally:
+            run.journal.close()
+            self._run = None
+            self.workers = []
+            self._lock.release()
+
+    async def cleanup(self) -> dict[str, int]:
+        """Requeue claimed-but-unfinished messages (refused while a deliverer runs)."""
+        run = self._open_run()
+        try:
+            return dict(self.last_recovery)
+        finally:
+            await self._close_run(run)
+
+    # -- feeding the queue -----------------------------------------------------------
+
+    def _offer(self, run: _Run, msg_id: str, source: str) -> None:
+        if msg_id in run.pending or msg_id in run.dispatcher.claimed:
+            return
+        run.pending.add(msg_id)
+        run.queue.put_nowait(WorkItem(1, msg_id, source))
+
+    def _offer_all(self, run: _Run, ids: list[str]) -> None:
+        for msg_id in ids:
+            self._offer(run, msg_id, "queued")
+
+    def _scan_queued(self, run: _Run) -> None:
+        for stray in self.spool.strays("queued"):
+            with contextlib.suppress(OSError):
+                self.spool.quarantine(stray, "not a message file name")
+                logger.warning("quarantined stray spool entry %s", stray.name)
+        self._offer_all(run, self.spool.ids("queued"))
+
+    def _load_deferred(self, run: _Run) -> None:
+        for msg_id in self.spool.ids("deferred"):
+            path = self.spool.path("deferred", msg_id)
+            try:
+                due = float(self.spool.read(path).get("next_attempt_at") or 0)
+            except FileNotFoundError:
+                continue
+            except (CorruptRecord, TypeError, ValueError) as exc:
+                self.spool.quarantine(path, getattr(exc, "reason", str(exc)))
+                continue
+            self._schedule(run, msg_id, due)
+
+    def _schedule(self, run: _Run, msg_id: str, due: float) -> None:
+        heapq.heappush(run.timers, (due, msg_id))
+        run.timer_wake.set()
+
+    def _release_due(self, run: _Run) -> None:
+        now = self.clock()
+        while run.timers and run.timers[0][0] <= now:
+            _, msg_id = heapq.heappop(run.timers)
+            self._offer(run, msg_id, "deferred")
+
+    def _maybe_compact(self, run: _Run) -> None:
+        journal = run.journal
+        if journal.entries_written >= _COMPACT_AFTER and not journal.syncing:
+            journal.compact([e for e in run.dispatcher.claimed.values() if e is not None])
+
+    async def _timers(self, run: _Run) -> None:
+        while True:
+            self._release_due(run)
+            run.timer_wake.clear()
+            timeout = max(0.0, run.timers[0][0] - self.clock()) if run.timers else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.timer_wake.wait(), timeout)
+
+    async def _rescan(self, run: _Run) -> None:
+        while True:
+            await asyncio.sleep(_RESCAN_SECONDS)
+            self._scan_queued(run)
+
+    # -- senders ---------------------------------------------------------------------
+
+    async def _sender(self, run: _Run, *, drain: bool,
+                      progress: Callable[[WorkloadSummary], None] | None = None) -> None:
+        transport = self._transport_factory()
+        try:
+            while not run.stop_event.is_set():
+                if drain:
+                    try:
+                        item = run.queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                else:
+                    item = await run.queue.get()
+                run.pending.discard(item.msg_id)
+                task = asyncio.current_task()
+                assert task is not None
+                run.busy.add(task)  # type: ignore[arg-type]
+                try:
+                    await run.dispatcher.deliver(item, transport)
+                except (SpoolError, OSError) as exc:
+                    # The message stays claimed in active/ and is settled when the run ends.
+                    logger.error("spool error on message %s: %s", item.msg_id, exc)
+                    await asyncio.sleep(1.0)
+                finally:
+                    run.busy.discard(task)  # type: ignore[arg-type]
+                if progress:
+                    progress(run.dispatcher.summary)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(transport.close(), 5)
+
+    async def process_workload(
+        self, *, progress: Callable[[WorkloadSummary], None] | None = None,
+    ) -> WorkloadSummary:
+        """Deliver every message that is due now, then return what happened."""
+        run = self._open_run()
+        try:
+            self._load_deferred(run)
+            self._release_due(run)
+            self._scan_queued(run)
+            self.workers = [asyncio.create_task(self._sender(run, drain=True, progress=progress))
+                            for _ in range(self.spawn)]
+            await asyncio.gather(*self.workers)
+            return run.dispatcher.summary
+        finally:
+            for task in self.workers:
+                task.cancel()
+            await asyncio.gather(*self.workers, return_exceptions=True)
+            await self._close_run(run)
+
+    async def delegate_workload(self, *, handle_signals: bool = True) -> WorkloadSummary:
+        """Deliver until ``stop()``, SIGTERM or SIGINT; then stop gracefully."""
+        return await self._serve(self._open_run(), handle_signals=handle_signals)
+
+    async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        try:
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                        loop.add_signal_handler(sig, run.stop_event.set)
+                        installed.append(sig)
+            watch_stop = asyncio.Event()
+            helpers = [asyncio.create_task(watch_queued(
+                self.spool.dir("queued"), lambda ids: self._offer_all(run, ids), watch_stop))]
+            self._load_deferred(run)
+            self._scan_queued(run)
+            run.live = True
+            helpers += [asyncio.create_task(self._timers(run)),
+                        asyncio.create_task(self._rescan(run))]
+            self.workers = [asyncio.create_task(self._sender(run, drain=False))
+                            for _ in range(self.spawn)]
+            logger.info("delivering %s with %d senders", self.workspace, self.spawn)
+            await run.stop_event.wait()
+            run.live = False
+            watch_stop.set()
+            await self._shutdown(run, helpers)
+            return run.dispatcher.summary
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            for task in self.workers:
+                task.cancel()
+            await asyncio.gather(*self.workers, return_exceptions=True)
+            await self._close_run(run)
+
+    async def _shutdown(self, run: _Run, helpers: list[asyncio.Task[Any]]) -> None:
+        for task in helpers:
+            task.cancel()
+        for task in self.workers:
+            if task not in run.busy:
+                task.cancel()  # idle: waiting on the queue, holding nothing
+        in_flight = [t for t in self.workers if not t.done()]
+        if in_flight:
+            logger.info("waiting up to %.0fs for %d in-flight sends", self.config.server.grace,
+                        len(in_flight))
+            _, late = await asyncio.wait(in_flight, timeout=self.config.server.grace)
+            for task in late:
+                task.cancel()
+        await asyncio.gather(*helpers, *self.workers, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop delivering gracefully: in-flight sends finish, the rest stays queued."""
+        run = self._run
+        if run is not None:
+            run.stop_event.set()
+        task, self._serve_task = self._serve_task, None
+        if task is not None:
+            await task
+
+    # -- embedding -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Manager:
+        run = self._open_run()
+        self._serve_task = asyncio.create_task(self._serve(run, handle_signals=False))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()

@@ -1,0 +1,240 @@
+"""Validate the attributes of a message and build it with the standard library's ``email``.
+
+Everything a message needs at send time (envelope, rendered MIME text, attachments'
+contents) is produced here, at ``create_work`` time, so delivery never reads user files.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+from .errors import MessageError
+
+__all__ = ("MESSAGE_FIELDS", "MessageSpec", "build_message", "parse_address")
+
+#: Keyword arguments ``create_work`` accepts (``from`` is accepted as an alias of ``from_``).
+MESSAGE_FIELDS = frozenset(
+    {"to", "cc", "bcc", "from_", "reply_to", "subject", "body", "html", "headers",
+     "attachments", "tags"}
+)
+# Headers that attributes own; setting them through ``headers`` would be ambiguous.
+_RESERVED_HEADERS = frozenset(
+    {"to", "cc", "bcc", "from", "reply-to", "subject", "content-type",
+     "content-transfer-encoding", "mime-version"}
+)
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+_DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_FORBIDDEN_CHARS = ("\r", "\n", "\0")
+_RENDER_POLICY = policy.SMTP.clone(max_line_length=998)
+MAX_HEADER_VALUE = 4000
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """A validated message, ready to be spooled."""
+
+    mail_from: str
+    recipients: list[str]
+    raw: bytes
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_text(name: str, value: object, *, header: bool) -> str:
+    if not isinstance(value, str):
+        raise MessageError(name, f"must be a string, not {type(value).__name__}")
+    if header:
+        for ch in _FORBIDDEN_CHARS:
+            if ch in value:
+                raise MessageError(name, f"must not contain {ch!r}")
+        if len(value) > MAX_HEADER_VALUE:
+            raise MessageError(name, f"is longer than {MAX_HEADER_VALUE} characters")
+    elif "\0" in value:
+        raise MessageError(name, "must not contain NUL")
+    return value
+
+
+def _ascii_domain(name: str, domain: str) -> str:
+    if domain.startswith("[") and domain.endswith("]"):
+        return domain  # address literal, e.g. [127.0.0.1]
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError:
+        raise MessageError(name, f"invalid domain {domain!r}") from None
+    labels = ascii_domain.rstrip(".").split(".")
+    if not all(_DOMAIN_LABEL.match(label) for label in labels):
+        raise MessageError(name, f"invalid domain {domain!r}")
+    return ascii_domain
+
+
+def parse_address(name: str, value: object) -> Address:
+    """Parse one mailbox (``a@b.example`` or ``Name <a@b.example>``) or raise MessageError."""
+    text = _check_text(name, value, header=True).strip()
+    if not text:
+        raise MessageError(name, "empty address")
+    try:
+        parsed = policy.default.header_factory("to", text)
+        addresses = parsed.addresses
+        defects = parsed.defects
+    except Exception:  # the parser raises assorted errors on garbage
+        raise MessageError(name, f"malformed address {text!r}") from None
+    if len(addresses) != 1 or defects:
+        raise MessageError(name, f"malformed address {text!r} (give one address per item)")
+    addr = addresses[0]
+    if not addr.username or not addr.domain or " " in addr.addr_spec:
+        raise MessageError(name, f"malformed address {text!r}")
+    if not addr.username.isascii():
+        raise MessageError(name, f"non-ASCII local part in {text!r} is not supported")
+    domain = _ascii_domain(name, addr.domain)
+    return Address(display_name=addr.display_name, username=addr.username, domain=domain)
+
+
+def _address_list(name: str, value: object) -> list[Address]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items: list[object] = [value]
+    elif isinstance(value, Iterable) and not isinstance(value, bytes | Mapping):
+        items = list(value)
+    else:
+        raise MessageError(name, "must be an address or a list of addresses")
+    return [parse_address(f"{name}[{i}]" if len(items) > 1 else name, v)
+            for i, v in enumerate(items)]
+
+
+def _attachment(index: int, item: object) -> tuple[str, bytes, str]:
+    name = f"attachments[{index}]"
+    if isinstance(item, str | os.PathLike):
+        path = Path(item)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise MessageError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
+        filename = path.name
+        mimetype = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    elif isinstance(item, tuple | list) and len(item) == 3:
+        filename, data, mimetype = item
+        if not isinstance(data, bytes | bytearray):
+            raise MessageError(name, "content must be bytes")
+        data = bytes(data)
+    else:
+        raise MessageError(name, "must be a file path or a (filename, bytes, mimetype) tuple")
+    filename = _check_text(f"{name}.filename", filename, header=True)
+    # A filename is a hint for the recipient, never a path: keep only its last component.
+    filename = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if not filename or filename in {".", ".."}:
+        raise MessageError(name, "empty filename")
+    mimetype = _check_text(f"{name}.mimetype", mimetype, header=True)
+    if mimetype.count("/") != 1 or not all(mimetype.split("/")):
+        raise MessageError(name, f"invalid mimetype {mimetype!r}")
+    return filename, data, mimetype
+
+
+def _headers(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MessageError("headers", "must be a mapping of header name to value")
+    result: dict[str, str] = {}
+    for key, val in value.items():
+        if not isinstance(key, str) or not _HEADER_NAME.match(key):
+            raise MessageError("headers", f"invalid header name {key!r}")
+        if key.lower() in _RESERVED_HEADERS:
+            raise MessageError(f"headers.{key}", "set through its own attribute instead")
+        result[key] = _check_text(f"headers.{key}", val, header=True)
+    return result
+
+
+def _tags(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise MessageError("tags", "must be a list of strings")
+    return [_check_text("tags", t, header=True) for t in value]
+
+
+def _cte(text: str) -> str | None:
+    return None if text.isascii() else "quoted-printable"
+
+
+def build_message(attrs: Mapping[str, Any],
+                  defaults: Mapping[str, Any] | None = None) -> MessageSpec:
+    """Validate ``attrs`` (``defaults`` merged under them) and render the message.
+
+    Raises MessageError naming the first bad field; performs no writes.
+    """
+    merged: dict[str, Any] = dict(defaults or {})
+    for key, value in attrs.items():
+        key = "from_" if key == "from" else key
+        if key not in MESSAGE_FIELDS:
+            raise MessageError(key, "unknown message attribute")
+        if value is not None:
+            merged[key] = value
+
+    to = _address_list("to", merged.get("to"))
+    cc = _address_list("cc", merged.get("cc"))
+    bcc = _address_list("bcc", merged.get("bcc"))
+    if not (to or cc or bcc):
+        raise MessageError("to", "no recipient (give to, cc or bcc)")
+    if merged.get("from_") is None:
+        raise MessageError("from", "no sender (give from_ or set [message] from in config)")
+    sender = parse_address("from", merged["from_"])
+    reply_to = _address_list("reply_to", merged.get("reply_to"))
+    subject = _check_text("subject", merged.get("subject", ""), header=True)
+    body = merged.get("body")
+    html = merged.get("html")
+    if body is not None:
+        _check_text("body", body, header=False)
+    if html is not None:
+        _check_text("html", html, header=False)
+    headers = _headers(merged.get("headers"))
+    attachments = [_attachment(i, a) for i, a in enumerate(merged.get("attachments") or [])]
+    tags = _tags(merged.get("tags"))
+
+    msg = EmailMessage(policy=_RENDER_POLICY)
+    msg["From"] = sender
+    if to:
+        msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    if reply_to:
+        msg["Reply-To"] = reply_to
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = make_msgid(domain=sender.domain)
+    for key, val in headers.items():
+        msg[key] = val
+    # 7-bit transfer encodings keep the spooled text ASCII and need no 8BITMIME from the server.
+    text = body if body is not None else ""
+    msg.set_content(text, cte=_cte(text))
+    if html is not None:
+        msg.add_alternative(html, subtype="html", cte=_cte(html))
+    for filename, data, mimetype in attachments:
+        maintype, subtype = mimetype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+    try:
+        raw = msg.as_bytes(policy=_RENDER_POLICY)
+    except (ValueError, TypeError) as exc:  # e.g. a header the policy cannot fold
+        raise MessageError("headers", f"cannot render message: {exc}") from None
+
+    recipients = list(dict.fromkeys(a.addr_spec for a in [*to, *cc, *bcc]))
+    summary = {
+        "to": [str(a) for a in to],
+        "cc": [str(a) for a in cc],
+        "bcc_count": len(bcc),
+        "subject": subject,
+        "message_id": msg["Message-ID"],
+        "tags": tags,
+        "size": len(raw),
+    }
+    return MessageSpec(mail_from=sender.addr_spec, recipients=recipients, raw=raw,
+                       summary=summary)

@@ -1,0 +1,297 @@
+"""The on-disk spool: one JSON file per message, moved between state folders atomically.
+
+Every write goes to ``tmp/`` first, is fsynced, renamed into place and the folder fsynced,
+so a reader never sees half a file and a returned path survives a crash. A message keeps
+its file name (``<id>.json``, lexically sortable by creation time) in every state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import SpoolError
+from .message import MessageSpec
+
+__all__ = (
+    "ACTIVE_STATES",
+    "FINAL_STATES",
+    "ID_PATTERN",
+    "STATES",
+    "CorruptRecord",
+    "Spool",
+    "new_id",
+    "new_record",
+)
+
+STATES = ("queued", "active", "deferred", "passed", "failed", "corrupt")
+FINAL_STATES = ("passed", "failed", "corrupt")
+ACTIVE_STATES = ("queued", "active", "deferred")
+ID_PATTERN = re.compile(r"^\d{20}-[0-9a-f]{8}$")
+RECORD_VERSION = 1
+
+_id_lock = threading.Lock()
+_last_ns = 0
+
+
+def new_id() -> str:
+    """A unique id whose lexical order is creation order (nanoseconds + random suffix)."""
+    global _last_ns
+    with _id_lock:
+        ns = max(time.time_ns(), _last_ns + 1)
+        _last_ns = ns
+    return f"{ns:020d}-{secrets.token_hex(4)}"
+
+
+def new_record(spec: MessageSpec, now: float) -> dict[str, Any]:
+    """The spool record of a freshly validated message."""
+    return {
+        "version": RECORD_VERSION,
+        "id": new_id(),
+        "state": "queued",
+        "created_at": now,
+        "mail_from": spec.mail_from,
+        "recipients": spec.recipients,
+        **spec.summary,
+        "attempts": 0,
+        "next_attempt_at": None,
+        "last_error": None,
+        # Rendered with 7-bit transfer encodings, so the message text is pure ASCII.
+        "raw": spec.raw.decode("ascii"),
+    }
+
+
+class CorruptRecord(Exception):
+    """A spool file that cannot be a message record; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _shard(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
+
+
+class Spool:
+    """File-level operations on a workspace. Synchronous; callers move them off the loop."""
+
+    def __init__(self, workspace: Path, *, max_size: int = 50 * 1024 * 1024) -> None:
+        self.workspace = workspace
+        self.max_size = max_size
+        self.tmp = workspace / "tmp"
+
+    def dir(self, state: str) -> Path:
+        return self.workspace / state
+
+    def ensure(self) -> None:
+        """Create the workspace and its folders (0700) if missing."""
+        try:
+            self.workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name in (*STATES, "tmp"):
+                (self.workspace / name).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"cannot create workspace {self.workspace}: "
+                             f"{exc.strerror}") from None
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _write_tmp(self, name: str, data: bytes) -> Path:
+        tmp = self.tmp / f"{name}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def write(self, state: str, record: dict[str, Any], *, sync_dir: bool = True) -> Path:
+        """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
+        msg_id = record["id"]
+        folder = self.dir(state)
+        if state in ("passed", "failed"):
+            folder = folder / _shard(record.get("finished_at") or time.time())
+            folder.mkdir(mode=0o700, exist_ok=True)
+        target = folder / f"{msg_id}.json"
+        try:
+            tmp = self._write_tmp(msg_id, encode_record(record))
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if sync_dir:
+                _fsync_dir(folder)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"cannot write {target}: {exc.strerror}") from None
+        return target
+
+    # -- moving ----------------------------------------------------------------------
+
+    def path(self, state: str, msg_id: str) -> Path:
+        return self.dir(state) / f"{msg_id}.json"
+
+    def rename(self, msg_id: str, src: str, dst: str) -> bool:
+        """Move a message between flat state folders; False if it is no longer in ``src``."""
+        try:
+            os.rename(self.path(src, msg_id), self.path(dst, msg_id))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def finish(self, state: str, record: dict[str, Any], *, src: str = "active") -> Path:
+        """Write the final (or deferred) record durably, then drop the ``src`` copy."""
+        path = self.write(state, record)
+        self.path(src, record["id"]).unlink(missing_ok=True)
+        return path
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move an unusable file into corrupt/ (never following links) and note why."""
+        name = path.name if ID_PATTERN.match(path.name.removesuffix(".json")) else (
+            f"{new_id()}.json")
+        target = self.dir("corrupt") / name
+        os.rename(path, target)
+        note = {"file": path.name, "reason": reason, "at": time.time()}
+        reason_path = self.dir("corrupt") / f"{target.name}.reason"
+        fd = os.open(reason_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, encode_record(note))
+        finally:
+            os.close(fd)
+        return target
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(self, path: Path) -> dict[str, Any]:
+        """Read and check a record; raise CorruptRecord for anything that is not one.
+
+        Never follows a symlink, never blocks on a FIFO, never reads past ``max_size``.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise CorruptRecord(f"cannot open: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise CorruptRecord("not a regular file")
+            if info.st_size > self.max_size:
+                raise CorruptRecord(f"larger than max_message_size ({info.st_size} bytes)")
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return decode_record(b"".join(chunks))
+
+    def ids(self, state: str) -> list[str]:
+        """Ids of the messages in a flat state folder, oldest first."""
+        return sorted(n[:-5] for n in self._names(self.dir(state)) if n.endswith(".json")
+                      and ID_PATTERN.match(n[:-5]))
+
+    def strays(self, state: str) -> list[Path]:
+        """Entries of a state folder that are not message files (to quarantine)."""
+        return [self.dir(state) / n for n in self._names(self.dir(state))
+                if not (n.endswith(".json") and ID_PATTERN.match(n[:-5]))
+                and not n.startswith(".")]
+
+    @staticmethod
+    def _names(folder: Path) -> list[str]:
+        try:
+            return os.listdir(folder)
+        except FileNotFoundError:
+            return []
+
+    def count(self, state: str) -> int:
+        folder = self.dir(state)
+        if state in ("passed", "failed"):
+            return sum(1 for _ in self.walk_final(state))
+        return sum(1 for n in self._names(folder) if n.endswith(".json"))
+
+    def walk_final(self, state: str) -> Iterator[Path]:
+        for shard in sorted(self._names(self.dir(state))):
+            for name in sorted(self._names(self.dir(state) / shard)):
+                if name.endswith(".json"):
+                    yield self.dir(state) / shard / name
+
+    def find(self, msg_id: str) -> tuple[str, Path] | None:
+        """Which state holds ``msg_id`` now, and where."""
+        for state in ("queued", "active", "deferred", "corrupt"):
+            path = self.path(state, msg_id)
+            if os.path.lexists(path):
+                return state, path
+        for state in ("passed", "failed"):
+            for shard in sorted(self._names(self.dir(state)), reverse=True):
+                path = self.dir(state) / shard / f"{msg_id}.json"
+                if os.path.lexists(path):
+                    return state, path
+        return None
+
+    def counts(self) -> dict[str, int]:
+        return {state: self.count(state) for state in STATES}
+
+    def clean_tmp(self, older_than: float = 600.0) -> int:
+        """Remove abandoned partial writes (a concurrent writer's fresh ones are kept)."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for name in self._names(self.tmp):
+            path = self.tmp / name
+            try:
+                if path.lstat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+_REQUIRED = {"id": str, "mail_from": str, "recipients": list, "raw": str, "attempts": int,
+             "created_at": (int, float)}
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    if not data:
+        raise CorruptRecord("empty file")
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptRecord(f"not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise CorruptRecord("not a JSON object")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(record.get(key), kind):  # type: ignore[arg-type]
+            raise CorruptRecord(f"missing or malformed key {key!r}")
+    if not record["recipients"] or not all(isinstance(r, str) for r in record["recipients"]):
+        raise CorruptRecord("malformed key 'recipients'")
+    if not ID_PATTERN.match(record["id"]):
+        raise CorruptRecord("malformed key 'id'")
+    return record

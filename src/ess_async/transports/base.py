@@ -1,0 +1,36 @@
+"""The transport contract: hand one rendered message to somewhere that delivers it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+__all__ = ("SendResult", "Transport")
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the server said when it accepted a message.
+
+    ``refused`` maps each recipient the server refused (while accepting others) to its
+    ``(code, reply)``.
+    """
+
+    code: int
+    message: str
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+class Transport(ABC):
+    """One delivery channel; each sender owns one, so a transport need not be shared-safe.
+
+    ``send`` returns a SendResult when the message was accepted, and raises
+    TemporaryDeliveryError (try later) or PermanentDeliveryError (give up) otherwise.
+    """
+
+    @abstractmethod
+    async def send(self, mail_from: str, recipients: list[str], raw: bytes) -> SendResult:
+        """Deliver ``raw`` to ``recipients``."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections; the transport may be used again afterwards."""

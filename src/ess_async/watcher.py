@@ -1,0 +1,36 @@
+"""Spool watcher: turns files that other processes drop into ``queued/`` into work items."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from watchfiles import Change, awatch
+
+from .spool import ID_PATTERN
+
+__all__ = ("watch_queued",)
+
+logger = logging.getLogger("ess_async.watcher")
+
+
+def _is_new_message(change: Change, path: str) -> bool:
+    name = Path(path).name
+    return change != Change.deleted and name.endswith(".json") and bool(
+        ID_PATTERN.match(name[:-5]))
+
+
+async def watch_queued(folder: Path, on_ids: Callable[[list[str]], None],
+                       stop_event: asyncio.Event) -> None:
+    """Call ``on_ids`` with the ids of messages that appear in ``folder`` until stopped.
+
+    Events can be missed (a watcher starting late, a kernel queue overflow), so callers
+    also scan the folder at start-up and now and then.
+    """
+    async for changes in awatch(folder, watch_filter=_is_new_message, debounce=200, step=10,
+                                stop_event=stop_event, recursive=False):
+        ids = sorted({Path(path).name[:-5] for _, path in changes})
+        logger.debug("watcher: %d new message(s)", len(ids))
+        on_ids(ids)
