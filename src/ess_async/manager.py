@@ -58,7 +58,7 @@ class _Run:
         self.timers: list[tuple[float, str]] = []
         self.timer_wake = asyncio.Event()
         self.stop_event = asyncio.Event()
-        self.busy: set[asyncio.Task[None]] = set()
+        self.busy: set[asyncio.Task[Any]] = set()
         self.live = False  # True while delegate_workload serves (new work is offered)
 
 
@@ -248,7 +248,7 @@ class Manager:
                 run.pending.discard(item.msg_id)
                 task = asyncio.current_task()
                 assert task is not None
-                run.busy.add(task)  # type: ignore[arg-type]
+                run.busy.add(task)
                 try:
                     await run.dispatcher.deliver(item, transport)
                 except (SpoolError, OSError) as exc:
@@ -256,7 +256,7 @@ class Manager:
                     logger.error("spool error on message %s: %s", item.msg_id, exc)
                     await asyncio.sleep(1.0)
                 finally:
-                    run.busy.discard(task)  # type: ignore[arg-type]
+                    run.busy.discard(task)
                 if progress:
                     progress(run.dispatcher.summary)
         finally:
@@ -288,7 +288,7 @@ class Manager:
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         try:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):

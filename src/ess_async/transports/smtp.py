@@ -96,10 +96,10 @@ class SMTPTransport(Transport):
             await self.close()
             raise TemporaryDeliveryError(f"connection lost: {exc}") from None
         self._last_used = time.monotonic()
-        code, _, message = reply.partition(" ")
+        head, _, text = reply.partition(" ")
         return SendResult(
-            code=int(code) if code.isdigit() else 250,
-            message=message if code.isdigit() else reply,
+            code=int(head) if head.isdigit() else 250,
+            message=text if head.isdigit() else reply,
             refused={rcpt: (r.code, r.message) for rcpt, r in refused.items()},
         )
 

@@ -1,0 +1,139 @@
+"""Shared fixtures: a real aiosmtpd server on loopback whose replies a test can script."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from ess_async.config import Config, parse_config
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        msg = message_from_bytes(self.data, policy=policy.default)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+
+@dataclass
+class RecordingHandler:
+    """Records accepted messages. Scripting: ``data_replies`` (consumed one per DATA),
+    ``rcpt_replies`` (address -> reply, every time)."""
+
+    messages: list[Received] = field(default_factory=list)
+    data_replies: deque[str] = field(default_factory=deque)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        with self.lock:
+            reply = self.data_replies.popleft() if self.data_replies else "250 OK accepted"
+            if reply.startswith("250"):
+                self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                              bytes(envelope.original_content or b"")))
+        return reply
+
+    def subjects(self) -> list[str]:
+        with self.lock:
+            return [str(m.message["Subject"]) for m in self.messages]
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"got {len(self.messages)} of {count} messages")
+            time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SMTPServer:
+    """An aiosmtpd server on 127.0.0.1 that can be stopped and started on the same port."""
+
+    def __init__(self) -> None:
+        self.handler = RecordingHandler()
+        self.port = free_port()
+        self._controller: Controller | None = None
+
+    def start(self) -> None:
+        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                      decode_data=False)
+        self._controller.start()
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SMTPServer]:
+    server = SMTPServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_config(port: int, **sections: dict[str, object]) -> Config:
+    """A config pointing at ``port`` with test-friendly retry timing."""
+    data: dict[str, object] = {
+        "message": {"from": "sender@example.com"},
+        "retry": {"min_backoff": 1, "max_backoff": 2},
+        "server": {"grace": 5},
+        "transport": {"smtp": {"host": "127.0.0.1", "port": port, "timeout": 10}},
+    }
+    for name, values in sections.items():
+        base = data.setdefault(name, {})
+        assert isinstance(base, dict)
+        base.update(values)
+    return parse_config(data)
+
+
+def write_config(workspace: Path, port: int, extra: str = "") -> Path:
+    workspace.mkdir(parents=True, exist_ok=True)
+    path = workspace / "config.toml"
+    path.write_text(
+        f'[message]\nfrom = "sender@example.com"\n\n[retry]\nmin_backoff = 1\nmax_backoff = 2\n'
+        f'\n[server]\ngrace = 5\n\n[transport.smtp]\nhost = "127.0.0.1"\nport = {port}\n'
+        f"timeout = 10\n{extra}"
+    )
+    return path
+
+
+class FakeClock:
+    """An injectable wall clock for retry timing."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
