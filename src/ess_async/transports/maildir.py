@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import mailbox
+import os
 from pathlib import Path
 
 from .base import SendResult, Transport
@@ -18,11 +19,12 @@ class MaildirTransport(Transport):
         self.path = path
 
     def _add(self, mail_from: str, recipients: list[str], raw: bytes) -> str:
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        box = mailbox.Maildir(self.path, create=True)
+        box = mailbox.Maildir(self.path, create=True)  # creates new/ cur/ tmp/ as 0700
         envelope = (f"X-Ess-Envelope-From: {mail_from}\r\n"
                     f"X-Ess-Envelope-To: {', '.join(recipients)}\r\n")
-        return box.add(envelope.encode("ascii") + raw)
+        key = box.add(envelope.encode("ascii") + raw)
+        os.chmod(self.path / "new" / key, 0o600)  # mailbox creates 0666 & umask
+        return key
 
     async def send(self, mail_from: str, recipients: list[str], raw: bytes) -> SendResult:
         key = await asyncio.to_thread(self._add, mail_from, recipients, raw)

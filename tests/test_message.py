@@ -1,0 +1,100 @@
+"""Validation in create_work: one MessageError naming the field, and nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ess_async import Client, Manager, MessageError
+
+from .conftest import make_config
+
+BASE: dict[str, Any] = {"to": "a@example.com", "subject": "Hi", "body": "Hello"}
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"to": None}, "to"),
+    ({"to": []}, "to"),
+    ({"to": "not-an-address"}, "to"),
+    ({"to": "a@"}, "to"),
+    ({"to": ["ok@example.com", "bad@@example.com"]}, "to[1]"),
+    ({"cc": "two@example.com, three@example.com"}, "cc"),
+    ({"bcc": 42}, "bcc"),
+    ({"to": "a@exa mple.com"}, "to"),
+    ({"from_": "nobody"}, "from"),
+    ({"reply_to": "r@"}, "reply_to"),
+    ({"subject": "Hi\r\nBcc: victim@example.com"}, "subject"),
+    ({"subject": "line\nbreak"}, "subject"),
+    ({"subject": "nul\0"}, "subject"),
+    ({"to": "a@example.com\r\nX: y"}, "to"),
+    ({"headers": {"X-Evil": "a\r\nBcc: b@example.com"}}, "headers.X-Evil"),
+    ({"headers": {"Bad Name": "x"}}, "headers"),
+    ({"headers": {"Subject": "x"}}, "headers.Subject"),
+    ({"headers": ["X-A"]}, "headers"),
+    ({"attachments": ["/nonexistent/file.pdf"]}, "attachments[0]"),
+    ({"attachments": [("a.txt", "not bytes", "text/plain")]}, "attachments[0]"),
+    ({"attachments": [("a.txt", b"x", "textplain")]}, "attachments[0]"),
+    ({"attachments": [("a\r\n.txt", b"x", "text/plain")]}, "attachments[0].filename"),
+    ({"tags": "one"}, "tags"),
+    ({"body": b"bytes"}, "body"),
+    ({"priority_typo": 1}, "priority_typo"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), BAD)
+async def test_bad_input_names_field_and_writes_nothing(
+    tmp_path: Path, change: dict[str, Any], field: str
+) -> None:
+    manager = Manager(tmp_path / "ws", config=make_config(25))
+    with pytest.raises(MessageError) as info:
+        await manager.create_work(**{**BASE, **change})
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}:")
+    assert isinstance(info.value, ValueError)
+    queued = tmp_path / "ws" / "queued"
+    assert not queued.exists() or os.listdir(queued) == []
+    tmp = tmp_path / "ws" / "tmp"
+    assert not tmp.exists() or os.listdir(tmp) == []
+
+
+def test_client_rejects_the_same_way(tmp_path: Path) -> None:
+    client = Client(tmp_path / "ws", config=make_config(25))
+    with pytest.raises(MessageError, match="^to:"):
+        client.create_work(to="bad", subject="x")
+    assert not (tmp_path / "ws" / "queued").exists()
+
+
+def test_no_sender_anywhere(tmp_path: Path) -> None:
+    client = Client(tmp_path / "ws")  # no config file: no default sender
+    with pytest.raises(MessageError) as info:
+        client.create_work(to="a@example.com")
+    assert info.value.field == "from"
+
+
+async def test_from_alias_and_idn(tmp_path: Path) -> None:
+    manager = Manager(tmp_path / "ws", config=make_config(25))
+    path = await manager.create_work(**{"from": "Me <me@example.org>"}, to="x@bücher.example")
+    record = Client(tmp_path / "ws").spool.read(path)
+    assert record["mail_from"] == "me@example.org"
+    assert record["recipients"] == ["x@xn--bcher-kva.example"]
+
+
+async def test_attachment_path_is_copied_at_enqueue(tmp_path: Path) -> None:
+    src = tmp_path / "report.csv"
+    src.write_bytes(b"a,b\n1,2\n")
+    manager = Manager(tmp_path / "ws", config=make_config(25))
+    path = await manager.create_work(**BASE, attachments=[src])
+    src.unlink()  # delivery must not need the file any more
+    raw = Client(tmp_path / "ws").spool.read(path)["raw"]
+    assert 'filename="report.csv"' in raw
+
+
+async def test_hostile_attachment_filename_keeps_only_basename(tmp_path: Path) -> None:
+    manager = Manager(tmp_path / "ws", config=make_config(25))
+    path = await manager.create_work(**BASE, attachments=[("../../etc/passwd", b"x",
+                                                           "text/plain")])
+    raw = Client(tmp_path / "ws").spool.read(path)["raw"]
+    assert 'filename="passwd"' in raw
+    assert "../" not in raw
