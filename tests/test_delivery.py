@@ -161,7 +161,7 @@ async def test_one_connection_per_sender(tmp_path: Path, smtp_server: SMTPServer
     connections = []
     original = smtp_server.handler.handle_DATA
 
-    async def handle_DATA(server, session, envelope):  # noqa: N802
+    async def handle_DATA(server, session, envelope):
         connections.append(session.peer)
         return await original(server, session, envelope)
 

@@ -61,7 +61,7 @@ async def test_bad_input_names_field_and_writes_nothing(
 
 def test_client_rejects_the_same_way(tmp_path: Path) -> None:
     client = Client(tmp_path / "ws", config=make_config(25))
-    with pytest.raises(MessageError, match="^to:"):
+    with pytest.raises(MessageError, match=r"^to:"):
         client.create_work(to="bad", subject="x")
     assert not (tmp_path / "ws" / "queued").exists()
 
