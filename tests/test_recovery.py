@@ -63,21 +63,21 @@ async def test_hostile_spool_is_quarantined(tmp_path: Path, smtp_server: SMTPSer
     good = [client.create_work(to="a@example.com", subject=f"good{i}") for i in range(3)]
     queued = ws / "queued"
     names = {
-        "00000000000000000001-0000000a.json": b"",
-        "00000000000000000002-0000000b.json": b'{"id": "000',
-        "00000000000000000003-0000000c.json": b"not json at all",
-        "00000000000000000004-0000000d.json": b'["a list"]',
-        "00000000000000000005-0000000e.json": b'{"id": "x", "recipients": "nope"}',
-        "00000000000000000006-0000000f.json": b" " * 200_000,
+        "00000000000000000001-n0000000a.json": b"",
+        "00000000000000000002-n0000000b.json": b'{"id": "000',
+        "00000000000000000003-n0000000c.json": b"not json at all",
+        "00000000000000000004-n0000000d.json": b'["a list"]',
+        "00000000000000000005-n0000000e.json": b'{"id": "x", "recipients": "nope"}',
+        "00000000000000000006-n0000000f.json": b" " * 200_000,
     }
     for name, data in names.items():
         (queued / name).write_bytes(data)
-    os.symlink("/etc/passwd", queued / "00000000000000000007-00000010.json")
-    os.mkfifo(queued / "00000000000000000008-00000011.json")
-    (queued / "00000000000000000009-00000012.json").mkdir()
+    os.symlink("/etc/passwd", queued / "00000000000000000007-n00000010.json")
+    os.mkfifo(queued / "00000000000000000008-n00000011.json")
+    (queued / "00000000000000000009-n00000012.json").mkdir()
     (queued / "evil name.json").write_bytes(b"{}")
     wrong_id = json.loads(good[0].read_text())
-    (queued / "00000000000000000010-00000013.json").write_text(json.dumps(wrong_id))
+    (queued / "00000000000000000010-n00000013.json").write_text(json.dumps(wrong_id))
 
     summary = await Manager(ws, config=config).process_workload()
     assert summary.passed == 3

@@ -9,8 +9,8 @@ from typing import Any
 
 from .config import Config, load_config
 from .manager import default_workspace
-from .message import build_message
-from .spool import Spool, new_record
+from .enqueue import Enqueuer, prepare
+from .spool import Spool
 
 __all__ = ("Client",)
 
@@ -25,11 +25,15 @@ class Client:
         self.config = config if config is not None else load_config(
             self.workspace / "config.toml")
         self.spool = Spool(self.workspace, max_size=self.config.server.max_message_size)
+        self._enqueuer = Enqueuer(self.spool)
         self._ensured = False
 
-    def create_work(self, **attrs: Any) -> Path:
-        spec = build_message(attrs, self.config.message)
+    def create_work(self, *, priority: str = "normal", send_at: object = None,
+                    idempotency_key: str | None = None, **attrs: Any) -> Path:
+        """Same arguments as ``Manager.create_work``; returns the spooled file's path."""
+        prepared = prepare(attrs, self.config.message, now=time.time(), priority=priority,
+                           send_at=send_at, idempotency_key=idempotency_key)
         if not self._ensured:
             self.spool.ensure()
             self._ensured = True
-        return self.spool.write("queued", new_record(spec, time.time()))
+        return self._enqueuer.commit(prepared)

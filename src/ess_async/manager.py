@@ -26,10 +26,10 @@ from .config import CONFIG_TEMPLATE, Config, load_config
 from .errors import EssError, SpoolError
 from .journal import Journal, replay
 from .lock import WorkspaceLock
-from .message import build_message
+from .enqueue import Enqueuer, prepare
 from .retry import RetryPolicy
 from .sender import Dispatcher, WorkItem, WorkloadSummary
-from .spool import CorruptRecord, Spool, new_record
+from .spool import CorruptRecord, Spool, priority_rank
 from .transports import Transport, create_transport
 from .watcher import watch_queued
 
@@ -55,7 +55,8 @@ class _Run:
         self.journal = journal
         self.queue: asyncio.PriorityQueue[WorkItem] = asyncio.PriorityQueue()
         self.pending: set[str] = set()
-        self.timers: list[tuple[float, str]] = []
+        self.timers: list[tuple[float, str, str]] = []  # (due, message id, folder)
+        self.timed: set[str] = set()  # ids in timers, so rescans do not add twins
         self.timer_wake = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.busy: set[asyncio.Task[Any]] = set()
@@ -86,7 +87,7 @@ class Manager:
         self._run: _Run | None = None
         self._serve_task: asyncio.Task[WorkloadSummary] | None = None
         self.workers: list[asyncio.Task[None]] = []
-        self._write = aiofiles.os.wrap(self.spool.write)
+        self._commit = aiofiles.os.wrap(Enqueuer(self.spool).commit)
         self.last_recovery: dict[str, int] = {}
 
     @property
@@ -100,15 +101,25 @@ class Manager:
 
     # -- enqueueing ------------------------------------------------------------------
 
-    async def create_work(self, **attrs: Any) -> Path:
-        """Validate and spool one message; the file is durable when this returns."""
-        spec = build_message(attrs, self.config.message)
+    async def create_work(self, *, priority: str = "normal", send_at: object = None,
+                          idempotency_key: str | None = None, **attrs: Any) -> Path:
+        """Validate and spool one message; the file is durable when this returns.
+
+        ``attrs`` are the message (to, cc, bcc, from_, reply_to, subject, body, html,
+        headers, attachments, tags); ``priority`` is high, normal or low; ``send_at`` a
+        datetime before which it is not sent; ``idempotency_key`` makes a repeated call
+        return the first message's path while that message is in the spool.
+        """
+        prepared = prepare(attrs, self.config.message, now=self.clock(), priority=priority,
+                           send_at=send_at, idempotency_key=idempotency_key)
         self._ensure()
-        record = new_record(spec, self.clock())
-        path: Path = await self._write("queued", record)
+        path: Path = await self._commit(prepared)
         run = self._run
-        if run is not None and run.live:
-            self._offer(run, record["id"], "queued")
+        if run is not None and run.live and path.stem == prepared.record["id"]:
+            if prepared.state == "queued":
+                self._offer(run, path.stem, "queued")
+            else:
+                self._schedule(run, path.stem, prepared.record["next_attempt_at"], "scheduled")
         return path
 
     def create_config(self) -> Path:
@@ -178,7 +189,7 @@ class Manager:
         if msg_id in run.pending or msg_id in run.dispatcher.claimed:
             return
         run.pending.add(msg_id)
-        run.queue.put_nowait(WorkItem(1, msg_id, source))
+        run.queue.put_nowait(WorkItem(priority_rank(msg_id), msg_id, source))
 
     def _offer_all(self, run: _Run, ids: list[str]) -> None:
         for msg_id in ids:
@@ -191,27 +202,33 @@ class Manager:
                 logger.warning("quarantined stray spool entry %s", stray.name)
         self._offer_all(run, self.spool.ids("queued"))
 
-    def _load_deferred(self, run: _Run) -> None:
-        for msg_id in self.spool.ids("deferred"):
-            path = self.spool.path("deferred", msg_id)
+    def _load_waiting(self, run: _Run, state: str, ids: list[str] | None = None) -> None:
+        """Set a timer for each message in ``deferred/`` or ``scheduled/``."""
+        for msg_id in self.spool.ids(state) if ids is None else ids:
+            path = self.spool.path(state, msg_id)
             try:
                 due = float(self.spool.read(path).get("next_attempt_at") or 0)
             except FileNotFoundError:
                 continue
             except (CorruptRecord, TypeError, ValueError) as exc:
-                self.spool.quarantine(path, getattr(exc, "reason", str(exc)))
+                with contextlib.suppress(OSError):
+                    self.spool.quarantine(path, getattr(exc, "reason", str(exc)))
                 continue
-            self._schedule(run, msg_id, due)
+            self._schedule(run, msg_id, due, state)
 
-    def _schedule(self, run: _Run, msg_id: str, due: float) -> None:
-        heapq.heappush(run.timers, (due, msg_id))
+    def _schedule(self, run: _Run, msg_id: str, due: float, state: str = "deferred") -> None:
+        if msg_id in run.timed:
+            return
+        run.timed.add(msg_id)
+        heapq.heappush(run.timers, (due, msg_id, state))
         run.timer_wake.set()
 
     def _release_due(self, run: _Run) -> None:
         now = self.clock()
         while run.timers and run.timers[0][0] <= now:
-            _, msg_id = heapq.heappop(run.timers)
-            self._offer(run, msg_id, "deferred")
+            _, msg_id, state = heapq.heappop(run.timers)
+            run.timed.discard(msg_id)
+            self._offer(run, msg_id, state)
 
     def _maybe_compact(self, run: _Run) -> None:
         journal = run.journal
@@ -230,6 +247,7 @@ class Manager:
         while True:
             await asyncio.sleep(_RESCAN_SECONDS)
             self._scan_queued(run)
+            self._load_waiting(run, "scheduled")
 
     # -- senders ---------------------------------------------------------------------
 
@@ -269,7 +287,8 @@ class Manager:
         """Deliver every message that is due now, then return what happened."""
         run = self._open_run()
         try:
-            self._load_deferred(run)
+            self._load_waiting(run, "deferred")
+            self._load_waiting(run, "scheduled")
             self._release_due(run)
             self._scan_queued(run)
             self.workers = [asyncio.create_task(self._sender(run, drain=True, progress=progress))
@@ -297,8 +316,12 @@ class Manager:
                         installed.append(sig)
             watch_stop = asyncio.Event()
             helpers = [asyncio.create_task(watch_queued(
-                self.spool.dir("queued"), lambda ids: self._offer_all(run, ids), watch_stop))]
-            self._load_deferred(run)
+                self.spool.dir("queued"), lambda ids: self._offer_all(run, ids), watch_stop)),
+                asyncio.create_task(watch_queued(
+                    self.spool.dir("scheduled"),
+                    lambda ids: self._load_waiting(run, "scheduled", ids), watch_stop))]
+            self._load_waiting(run, "deferred")
+            self._load_waiting(run, "scheduled")
             self._scan_queued(run)
             run.live = True
             helpers += [asyncio.create_task(self._timers(run)),

@@ -31,39 +31,52 @@ __all__ = (
     "Spool",
     "new_id",
     "new_record",
+    "priority_rank",
 )
 
-STATES = ("queued", "active", "deferred", "passed", "failed", "corrupt")
+STATES = ("queued", "scheduled", "active", "deferred", "held", "passed", "failed", "corrupt")
 FINAL_STATES = ("passed", "failed", "corrupt")
-ACTIVE_STATES = ("queued", "active", "deferred")
-ID_PATTERN = re.compile(r"^\d{20}-[0-9a-f]{8}$")
+ACTIVE_STATES = ("queued", "scheduled", "active", "deferred", "held")
+# <nanoseconds>-<priority letter><random>: lexical order is creation order, and the
+# priority is known from the name alone (no read needed to order a scan of the queue).
+ID_PATTERN = re.compile(r"^\d{20}-[hnl][0-9a-f]{8}$")
+PRIORITY_LETTERS = {"high": "h", "normal": "n", "low": "l"}
+_PRIORITY_RANK = {"h": 0, "n": 1, "l": 2}
 RECORD_VERSION = 1
 
 _id_lock = threading.Lock()
 _last_ns = 0
 
 
-def new_id() -> str:
+def new_id(priority: str = "normal") -> str:
     """A unique id whose lexical order is creation order (nanoseconds + random suffix)."""
     global _last_ns
     with _id_lock:
         ns = max(time.time_ns(), _last_ns + 1)
         _last_ns = ns
-    return f"{ns:020d}-{secrets.token_hex(4)}"
+    return f"{ns:020d}-{PRIORITY_LETTERS[priority]}{secrets.token_hex(4)}"
 
 
-def new_record(spec: MessageSpec, now: float) -> dict[str, Any]:
+def priority_rank(msg_id: str) -> int:
+    """0 for high, 1 for normal, 2 for low: lower is claimed first."""
+    return _PRIORITY_RANK.get(msg_id[21:22], 1)
+
+
+def new_record(spec: MessageSpec, now: float, *, priority: str = "normal",
+               send_at: float | None = None) -> dict[str, Any]:
     """The spool record of a freshly validated message."""
     return {
         "version": RECORD_VERSION,
-        "id": new_id(),
-        "state": "queued",
+        "id": new_id(priority),
+        "state": "scheduled" if send_at is not None and send_at > now else "queued",
+        "priority": priority,
+        "send_at": send_at,
         "created_at": now,
         "mail_from": spec.mail_from,
         "recipients": spec.recipients,
         **spec.summary,
         "attempts": 0,
-        "next_attempt_at": None,
+        "next_attempt_at": send_at,
         "last_error": None,
         # Rendered with 7-bit transfer encodings, so the message text is pure ASCII.
         "raw": spec.raw.decode("ascii"),
@@ -132,26 +145,27 @@ class Spool:
         os.close(fd)
         return tmp
 
-    def write(self, state: str, record: dict[str, Any], *, sync_dir: bool = True) -> Path:
-        """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
-        msg_id = record["id"]
-        folder = self.dir(state)
-        if state in ("passed", "failed"):
-            folder = folder / _shard(record.get("finished_at") or time.time())
-            folder.mkdir(mode=0o700, exist_ok=True)
-        target = folder / f"{msg_id}.json"
+    def write_file(self, target: Path, data: bytes) -> Path:
+        """Atomically and durably put ``data`` at ``target`` (tmp, fsync, rename, fsync)."""
         try:
-            tmp = self._write_tmp(msg_id, encode_record(record))
+            tmp = self._write_tmp(target.stem, data)
             try:
                 os.replace(tmp, target)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            if sync_dir:
-                _fsync_dir(folder)
+            _fsync_dir(target.parent)
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot write {target}: {exc.strerror}") from None
         return target
+
+    def write(self, state: str, record: dict[str, Any]) -> Path:
+        """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
+        folder = self.dir(state)
+        if state in ("passed", "failed"):
+            folder = folder / _shard(record.get("finished_at") or time.time())
+            folder.mkdir(mode=0o700, exist_ok=True)
+        return self.write_file(folder / f"{record['id']}.json", encode_record(record))
 
     # -- moving ----------------------------------------------------------------------
 
@@ -245,7 +259,7 @@ class Spool:
 
     def find(self, msg_id: str) -> tuple[str, Path] | None:
         """Which state holds ``msg_id`` now, and where."""
-        for state in ("queued", "active", "deferred", "corrupt"):
+        for state in ("queued", "scheduled", "active", "deferred", "held", "corrupt"):
             path = self.path(state, msg_id)
             if os.path.lexists(path):
                 return state, path

@@ -1,0 +1,102 @@
+"""Enqueueing, shared by ``Manager.create_work`` and the synchronous ``Client``.
+
+Options beside the message itself: ``priority`` (high | normal | low), ``send_at`` (not
+sent before then) and ``idempotency_key`` (a second enqueue with the same key returns the
+first message's path while that message is still in the spool, across processes).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import MessageError
+from .message import build_message
+from .spool import PRIORITY_LETTERS, Spool, new_record
+
+__all__ = ("Enqueuer", "Prepared", "prepare")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated record and where it goes; nothing is written yet."""
+
+    record: dict[str, Any]
+    key_hash: str | None
+
+    @property
+    def state(self) -> str:
+        return str(self.record["state"])
+
+
+def _send_at(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()  # a naive datetime is local time, as datetime says
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise MessageError("send_at", "must be a datetime or a POSIX timestamp")
+
+
+def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float,
+            priority: str = "normal", send_at: object = None,
+            idempotency_key: str | None = None) -> Prepared:
+    """Validate everything; raise MessageError naming the field; write nothing."""
+    if priority not in PRIORITY_LETTERS:
+        raise MessageError("priority", f"must be high, normal or low, not {priority!r}")
+    when = _send_at(send_at)
+    key_hash = None
+    if idempotency_key is not None:
+        if not isinstance(idempotency_key, str) or not idempotency_key:
+            raise MessageError("idempotency_key", "must be a non-empty string")
+        key_hash = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
+    spec = build_message(attrs, defaults)
+    record = new_record(spec, now, priority=priority, send_at=when)
+    if key_hash:
+        record["idempotency_key_sha256"] = key_hash
+    return Prepared(record, key_hash)
+
+
+class Enqueuer:
+    """Writes prepared records; serializes idempotent ones on ``keys/.lock`` (an flock
+    that only enqueuers take, never the deliverer)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.keys = spool.workspace / "keys"
+
+    def commit(self, prepared: Prepared) -> Path:
+        if prepared.key_hash is None:
+            return self.spool.write(prepared.state, prepared.record)
+        self.keys.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.keys / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            existing = self._lookup(prepared.key_hash)
+            if existing is not None:
+                return existing
+            path = self.spool.write(prepared.state, prepared.record)
+            self._remember(prepared.key_hash, prepared.record["id"])
+            return path
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _lookup(self, key_hash: str) -> Path | None:
+        try:
+            msg_id = json.loads((self.keys / f"{key_hash}.json").read_bytes())["id"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        found = self.spool.find(str(msg_id))
+        return found[1] if found else None  # purged: the key is free again
+
+    def _remember(self, key_hash: str, msg_id: str) -> None:
+        self.spool.write_file(self.keys / f"{key_hash}.json",
+                              json.dumps({"id": msg_id}).encode())
