@@ -129,7 +129,11 @@ async def test_server_down_then_up(tmp_path: Path) -> None:
     for i in range(5):
         await manager.create_work(to="a@example.com", subject=f"m{i}", body="x")
     summary = await manager.process_workload()
-    assert (summary.deferred, summary.failed) == (5, 0)
+    # The refused connection pauses the transport: the run ends early instead of
+    # hammering a server that is down; the rest stays queued for the next run.
+    assert summary.failed == summary.passed == 0
+    assert 1 <= summary.deferred <= manager.spawn
+    assert manager.status()["queued"] == 5 - summary.deferred
     record = final_records(tmp_path / "ws", "deferred")[0]
     assert "cannot connect" in record["last_error"]["message"]
 

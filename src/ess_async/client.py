@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
-from .manager import default_workspace
 from .enqueue import Enqueuer, prepare
+from .manager import default_workspace
 from .spool import Spool
 
 __all__ = ("Client",)

@@ -35,6 +35,7 @@ class ServerConfig:
     spawn: int = 3
     grace: float = 10.0  # seconds in-flight sends get to finish on stop
     max_message_size: int = 50 * 1024 * 1024  # bytes of a spool file
+    delivery_log: bool = False  # append every outcome as JSON to <workspace>/delivery.log
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class SmtpConfig:
     timeout: float = 30.0
     local_hostname: str = ""
     tls_ca_file: str = ""
+    max_connections: int = 0  # concurrent connections; 0 = one per sender (spawn)
+    max_per_second: float = 0.0  # messages per second over all senders; 0 = no cap
+    max_messages_per_connection: int = 0  # reconnect after this many; 0 = never
 
     def password(self) -> str | None:
         """The password from the environment; never stored on this object."""
@@ -82,6 +86,8 @@ class Config:
 
 
 _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags"})
+_ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
+                  "max_messages_per_connection"}
 _POSITIVE = {"spawn", "grace", "timeout", "min_backoff", "max_backoff", "max_age",
              "max_message_size"}
 
@@ -105,7 +111,7 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         raise ConfigError(key, f"must be a number, not {value!r}")
     if key.rsplit(".", 1)[-1] in _POSITIVE and value <= 0:
         raise ConfigError(key, f"must be positive, not {value!r}")
-    if key.endswith("max_attempts") and value < 0:
+    if key.rsplit(".", 1)[-1] in _ZERO_OR_MORE and value < 0:
         raise ConfigError(key, "must be 0 (no limit) or more")
     return value
 
@@ -184,6 +190,7 @@ CONFIG_TEMPLATE = """\
 spawn = 3            # concurrent senders, each with its own SMTP connection
 grace = 10           # seconds in-flight sends may finish when stopping
 # max_message_size = 52428800
+delivery_log = false # true: append each outcome as a JSON line to delivery.log
 
 [retry]
 min_backoff = 60     # seconds before a temporarily failed message is tried again
@@ -202,6 +209,9 @@ username = ""
 password_env = "ESS_SMTP_PASSWORD"   # the password comes from this environment variable
 timeout = 30
 # tls_ca_file = "/path/to/private-ca.pem"
+max_connections = 0              # 0 = one per sender
+max_per_second = 0               # 0 = no rate cap
+max_messages_per_connection = 0  # 0 = keep connections open
 
 [transport.maildir]
 path = "maildir"     # relative to the workspace

@@ -54,13 +54,24 @@ class SpoolError(EssError, OSError):
 
 
 class DeliveryError(EssError):
-    """A transport could not deliver a message. ``code`` is the SMTP reply code, if any."""
+    """A transport could not deliver a message. ``code`` is the SMTP reply code, if any.
+
+    ``pushback`` marks a server asking its clients to slow down (421, "too many",
+    refused connections). ``refused`` maps recipients refused at RCPT to (code, reply)
+    when every recipient was refused; ``outcome_unknown`` means the connection was lost
+    after the message data was sent, so the server may have accepted it.
+    """
 
     temporary: bool = True
 
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+    def __init__(self, message: str, *, code: int | None = None, pushback: bool = False,
+                 refused: dict[str, tuple[int, str]] | None = None,
+                 outcome_unknown: bool = False) -> None:
         self.code = code
         self.message = message
+        self.pushback = pushback
+        self.refused = refused or {}
+        self.outcome_unknown = outcome_unknown
         super().__init__(f"{code} {message}" if code else message)
 
 

@@ -23,13 +23,14 @@ from typing import Any
 import aiofiles.os
 
 from .config import CONFIG_TEMPLATE, Config, load_config
+from .enqueue import Enqueuer, prepare
 from .errors import EssError, SpoolError
 from .journal import Journal, replay
 from .lock import WorkspaceLock
-from .enqueue import Enqueuer, prepare
 from .retry import RetryPolicy
 from .sender import Dispatcher, WorkItem, WorkloadSummary
 from .spool import CorruptRecord, Spool, priority_rank
+from .throttle import Throttle
 from .transports import Transport, create_transport
 from .watcher import watch_queued
 
@@ -146,8 +147,16 @@ class Manager:
             journal_path = self.workspace / JOURNAL_NAME
             entries = replay(journal_path)
             journal = Journal(journal_path)
+            smtp = self.config.transport.smtp
+            throttle = Throttle(smtp.max_connections or self.spawn,
+                                max_per_second=smtp.max_per_second)
+            log = None
+            if self.config.server.delivery_log:
+                fd = os.open(self.workspace / "delivery.log",
+                             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                log = os.fdopen(fd, "a", encoding="utf-8")
             dispatcher = Dispatcher(self.spool, journal, self.policy, clock=self.clock,
-                                    rand=self.rand)
+                                    rand=self.rand, throttle=throttle, delivery_log=log)
             self.last_recovery = settled = dispatcher.recover(entries)
             if any(settled.values()):
                 logger.info("recovered claims from an earlier run: %s", settled)
@@ -171,6 +180,8 @@ class Manager:
             run.journal.compact([])
         finally:
             run.journal.close()
+            if run.dispatcher.delivery_log is not None:
+                run.dispatcher.delivery_log.close()
             self._run = None
             self.workers = []
             self._lock.release()
@@ -254,32 +265,39 @@ class Manager:
     async def _sender(self, run: _Run, *, drain: bool,
                       progress: Callable[[WorkloadSummary], None] | None = None) -> None:
         transport = self._transport_factory()
+        throttle = run.dispatcher.throttle
         try:
             while not run.stop_event.is_set():
                 if drain:
+                    if throttle.paused:
+                        return  # the server pushed back: leave the rest for the next run
                     try:
                         item = run.queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
                 else:
                     item = await run.queue.get()
-                run.pending.discard(item.msg_id)
-                task = asyncio.current_task()
-                assert task is not None
-                run.busy.add(task)
-                try:
-                    await run.dispatcher.deliver(item, transport)
-                except (SpoolError, OSError) as exc:
-                    # The message stays claimed in active/ and is settled when the run ends.
-                    logger.error("spool error on message %s: %s", item.msg_id, exc)
-                    await asyncio.sleep(1.0)
-                finally:
-                    run.busy.discard(task)
+                async with throttle:
+                    run.pending.discard(item.msg_id)
+                    await self._deliver(run, item, transport)
                 if progress:
                     progress(run.dispatcher.summary)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(transport.close(), 5)
+
+    async def _deliver(self, run: _Run, item: WorkItem, transport: Transport) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        run.busy.add(task)
+        try:
+            await run.dispatcher.deliver(item, transport)
+        except (SpoolError, OSError) as exc:
+            # The message stays claimed in active/ and is settled when the run ends.
+            logger.error("spool error on message %s: %s", item.msg_id, exc)
+            await asyncio.sleep(1.0)
+        finally:
+            run.busy.discard(task)
 
     async def process_workload(
         self, *, progress: Callable[[WorkloadSummary], None] | None = None,

@@ -10,12 +10,13 @@ unexpected error, ends in a state folder.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import aiofiles.os
 
@@ -23,6 +24,7 @@ from .errors import DeliveryError, SpoolError
 from .journal import Journal
 from .retry import RetryPolicy
 from .spool import CorruptRecord, Spool
+from .throttle import Throttle
 from .transports import SendResult, Transport
 
 __all__ = ("Dispatcher", "WorkItem", "WorkloadSummary")
@@ -59,6 +61,8 @@ class Dispatcher:
     def __init__(self, spool: Spool, journal: Journal, policy: RetryPolicy, *,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
+                 throttle: Throttle | None = None,
+                 delivery_log: TextIO | None = None,
                  on_deferred: Callable[[str, float], None] | None = None,
                  on_finished: Callable[[str, str], None] | None = None) -> None:
         self.spool = spool
@@ -66,6 +70,8 @@ class Dispatcher:
         self.policy = policy
         self.clock = clock
         self.rand = rand
+        self.throttle = throttle or Throttle(1_000_000)
+        self.delivery_log = delivery_log
         self.on_deferred = on_deferred
         self.on_finished = on_finished
         # Claimed message ids -> their durable "accepted" journal entry once there is one.
@@ -94,8 +100,8 @@ class Dispatcher:
                     raise CorruptRecord("record id does not match its file name")
             except CorruptRecord as exc:
                 await self._quarantine(path, exc.reason)
-                logger.warning("message %s quarantined: %s", msg_id, exc.reason)
-                return self._done(msg_id, "corrupt")
+                return self._done({"id": msg_id, "last_error": {"message": exc.reason}},
+                                  "corrupt")
             return await self._attempt(record, transport)
         finally:
             if self.claimed.get(msg_id) is None:  # an accepted one is released by _accepted
@@ -109,12 +115,17 @@ class Dispatcher:
             result = await transport.send(record["mail_from"], record["recipients"],
                                           record["raw"].encode("ascii"))
         except DeliveryError as exc:
+            if exc.pushback:
+                self.throttle.push_back()
+                logger.warning("server pushed back (%s): %d concurrent sends, pausing",
+                               exc, self.throttle.limit)
             return await self._failed_attempt(record, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a transport bug must not lose the message or the sender
             logger.exception("message %s: unexpected error from transport", msg_id)
             return await self._failed_attempt(record, DeliveryError(f"internal error: {exc!r}"))
+        self.throttle.success()
         # From here on the message is delivered: finish even if the run is being cancelled.
         task = asyncio.ensure_future(self._accepted(record, result))
         self.finishing.add(task)
@@ -123,49 +134,99 @@ class Dispatcher:
 
     async def _accepted(self, record: dict[str, Any], result: SendResult) -> str:
         msg_id = record["id"]
-        now = self.clock()
-        entry = {"op": "accepted", "id": msg_id, "at": now, "code": result.code,
+        entry = {"op": "accepted", "id": msg_id, "at": self.clock(), "code": result.code,
                  "reply": result.message, "refused": result.refused}
         await self.journal.append_durable(entry)
         self.claimed[msg_id] = entry
         try:
-            await self._finish("passed", passed_record(record, entry))
+            state, settled = self.settle_accepted(record, entry)
+            await self._finish(state, settled)
         finally:
             self.claimed.pop(msg_id, None)
-        logger.info("message %s passed: %d recipients, %s %s", msg_id,
-                    len(record["recipients"]), result.code, result.message)
-        return self._done(msg_id, "passed")
+        return self._done(settled, state)
+
+    def settle_accepted(self, record: dict[str, Any],
+                        entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The next record of a message the server accepted (``entry`` from the journal).
+
+        Recipients refused with 5xx are recorded; those refused with 4xx stay on the
+        message, which is deferred for them alone (the others are never sent it again).
+        """
+        at = entry["at"]
+        refused = {rcpt: list(reply) for rcpt, reply in (entry.get("refused") or {}).items()}
+        record = dict(record)
+        record["delivered_to"] = [*record.get("delivered_to", []),
+                                  *(r for r in record["recipients"] if r not in refused)]
+        record["refused"] = {**record.get("refused", {}),
+                             **{r: v for r, v in refused.items() if v[0] >= 500}}
+        retry = {r: v for r, v in refused.items() if v[0] < 500}
+        if retry:
+            due = self.policy.next_attempt(created_at=record["created_at"],
+                                           attempts=record["attempts"], now=at, rand=self.rand())
+            detail = "; ".join(f"{r}: {c} {t}" for r, (c, t) in retry.items())
+            record["last_error"] = {"code": min(c for c, _ in retry.values()),
+                                    "message": f"recipients deferred: {detail}", "at": at}
+            if due is not None:
+                record.update(state="deferred", recipients=list(retry), next_attempt_at=due)
+                return "deferred", record
+            record["refused"].update(retry)  # gave up on them
+        record.update(state="passed", finished_at=at, next_attempt_at=None,
+                      result={"code": entry["code"], "message": entry["reply"],
+                              "refused": record["refused"]})
+        return "passed", record
 
     async def _failed_attempt(self, record: dict[str, Any], exc: DeliveryError) -> str:
-        msg_id = record["id"]
         now = self.clock()
         record["last_error"] = {"code": exc.code, "message": exc.message, "at": now}
+        if exc.outcome_unknown:
+            # The server may have the message: say so, and do not retry at once.
+            record["last_error"]["outcome_unknown"] = True
+            record["outcome_unknown_attempts"] = record.get("outcome_unknown_attempts", 0) + 1
+        if exc.refused:
+            permanent = {r: list(v) for r, v in exc.refused.items() if v[0] >= 500}
+            record["refused"] = {**record.get("refused", {}), **permanent}
+            if exc.temporary:
+                record["recipients"] = [r for r in record["recipients"] if r not in permanent]
         due = None
         if exc.temporary:
             due = self.policy.next_attempt(created_at=record["created_at"],
                                            attempts=record["attempts"], now=now,
                                            rand=self.rand())
         if due is not None:
-            record["state"] = "deferred"
-            record["next_attempt_at"] = due
+            record.update(state="deferred", next_attempt_at=due)
             await self._finish("deferred", record)
-            logger.info("message %s deferred until %.0f (attempt %d): %s", msg_id, due,
-                        record["attempts"], exc)
             if self.on_deferred:
-                self.on_deferred(msg_id, due)
-            return self._done(msg_id, "deferred")
+                self.on_deferred(record["id"], due)
+            return self._done(record, "deferred")
         record.update(state="failed", finished_at=now, next_attempt_at=None,
                       result={"code": exc.code, "message": exc.message,
-                              "reason": "permanent" if not exc.temporary else "gave up"})
+                              "reason": "permanent" if not exc.temporary else "gave up",
+                              "refused": record.get("refused", {})})
         await self._finish("failed", record)
-        logger.warning("message %s failed after %d attempts: %s", msg_id,
-                       record["attempts"], exc)
-        return self._done(msg_id, "failed")
+        return self._done(record, "failed")
 
-    def _done(self, msg_id: str, state: str) -> str:
+    def _done(self, record: dict[str, Any], state: str) -> str:
+        """Count, log and (optionally) append to the delivery log; never the body."""
         setattr(self.summary, state, getattr(self.summary, state) + 1)
+        error = record.get("last_error") or {}
+        result = record.get("result") or {}
+        event = {"at": self.clock(), "id": record["id"], "state": state,
+                 "attempts": record.get("attempts", 0),
+                 "recipients": len(record.get("recipients") or []),
+                 "code": result.get("code", error.get("code")),
+                 "reply": result.get("message", error.get("message")),
+                 "tags": record.get("tags") or []}
+        if state == "deferred":
+            event["next_attempt_at"] = record.get("next_attempt_at")
+        level = logging.INFO if state in ("passed", "deferred") else logging.WARNING
+        logger.log(level, "message %s %s: %d recipient(s), attempt %d, %s %s", record["id"],
+                   state, event["recipients"], event["attempts"], event["code"] or "-",
+                   event["reply"] or "")
+        if self.delivery_log is not None:
+            self.delivery_log.write(json.dumps(event, ensure_ascii=False) + "\n")
+            self.delivery_log.flush()
         if self.on_finished:
-            self.on_finished(msg_id, state)
+            self.on_finished(record["id"], state)
         return state
 
     # -- recovery --------------------------------------------------------------------
@@ -190,16 +251,10 @@ class Dispatcher:
             except SpoolError:
                 raise
             record["attempts"] = record.get("attempts", 0) + 1
-            self.spool.finish("passed", passed_record(record, entry))
+            state, settled = self.settle_accepted(record, entry)
+            self.spool.finish(state, settled)
             counts["passed"] += 1
         for stray in self.spool.strays("active"):
             self.spool.quarantine(stray, "unexpected file in active/")
             counts["corrupt"] += 1
         return counts
-
-
-def passed_record(record: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """The record kept in ``passed/``: the message plus what the server said."""
-    return {**record, "state": "passed", "finished_at": entry["at"], "next_attempt_at": None,
-            "result": {"code": entry["code"], "message": entry["reply"],
-                       "refused": entry.get("refused") or {}}}

@@ -21,10 +21,30 @@ logger = logging.getLogger("ess_async.transports.smtp")
 _IDLE_CHECK_SECONDS = 10.0
 
 
+def _is_pushback(code: int, message: str) -> bool:
+    """421 (closing), and 451/452 saying "too many": the server wants fewer of us."""
+    return code == 421 or (code in (450, 451, 452) and "too many" in message.lower())
+
+
 def _error_from_code(code: int, message: str) -> TemporaryDeliveryError | PermanentDeliveryError:
     if 500 <= code < 600:
         return PermanentDeliveryError(message, code=code)
-    return TemporaryDeliveryError(message, code=code)
+    return TemporaryDeliveryError(message, code=code, pushback=_is_pushback(code, message))
+
+
+def _refused_error(
+    refused: dict[str, tuple[int, str]],
+) -> TemporaryDeliveryError | PermanentDeliveryError:
+    """Every recipient was refused: temporary if any of them may succeed later."""
+    detail = "; ".join(f"{rcpt}: {code} {text}" for rcpt, (code, text) in refused.items())
+    codes = [code for code, _ in refused.values()]
+    temporary = [code for code in codes if code < 500]
+    if temporary:
+        return TemporaryDeliveryError(
+            f"all recipients refused: {detail}", code=min(temporary), refused=refused,
+            pushback=any(_is_pushback(c, t) for c, t in refused.values()))
+    return PermanentDeliveryError(f"all recipients refused: {detail}", code=max(codes),
+                                  refused=refused)
 
 
 class SMTPTransport(Transport):
@@ -34,6 +54,7 @@ class SMTPTransport(Transport):
         self.config = config
         self._smtp: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
+        self._sent_on_connection = 0
 
     def _client(self) -> aiosmtplib.SMTP:
         cfg = self.config
@@ -75,33 +96,64 @@ class SMTPTransport(Transport):
             raise TemporaryDeliveryError(f"connect: {exc.message}", code=exc.code) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
+            refused = isinstance(exc, ConnectionRefusedError) or isinstance(
+                exc.__cause__, ConnectionRefusedError) or "refused" in str(exc).lower()
             raise TemporaryDeliveryError(
-                f"cannot connect to {self.config.host}:{self.config.port}: {exc}") from None
+                f"cannot connect to {self.config.host}:{self.config.port}: {exc}",
+                pushback=refused) from None
         self._smtp = smtp
+        self._sent_on_connection = 0
         return smtp
 
     async def send(self, mail_from: str, recipients: list[str], raw: bytes) -> SendResult:
         smtp = await self._connection()
+        phase = "MAIL"
         try:
-            refused, reply = await smtp.sendmail(mail_from, recipients, raw)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
-            code = min(codes) if any(c < 500 for c in codes) else max(codes)
-            raise _error_from_code(code, f"all recipients refused: {detail}") from None
+            if smtp.is_ehlo_or_helo_needed:
+                try:
+                    await smtp.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await smtp.helo()  # an old server without ESMTP
+            options = [f"SIZE={len(raw)}"] if smtp.supports_extension("size") else []
+            await smtp.mail(mail_from, options=options)
+            phase = "RCPT"
+            refused: dict[str, tuple[int, str]] = {}
+            for rcpt in recipients:
+                try:
+                    await smtp.rcpt(rcpt)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    refused[rcpt] = (exc.code, exc.message)
+            if len(refused) == len(recipients):
+                await smtp.rset()
+                raise _refused_error(refused)
+            phase = "DATA"
+            response = await smtp.data(raw)
         except aiosmtplib.SMTPResponseException as exc:
-            # sendmail already sent RSET; the connection stays usable.
-            raise _error_from_code(exc.code, exc.message) from None
+            error = _error_from_code(exc.code, f"{phase}: {exc.message}")
+            if exc.code == 421:
+                await self.close()  # 421: the server is closing this connection
+            else:
+                await self._reset()
+            raise error from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             await self.close()
-            raise TemporaryDeliveryError(f"connection lost: {exc}") from None
+            raise TemporaryDeliveryError(
+                f"connection lost during {phase}: {exc}",
+                # Lost during DATA: the server may have accepted the message.
+                outcome_unknown=phase == "DATA") from None
         self._last_used = time.monotonic()
-        head, _, text = reply.partition(" ")
-        return SendResult(
-            code=int(head) if head.isdigit() else 250,
-            message=text if head.isdigit() else reply,
-            refused={rcpt: (r.code, r.message) for rcpt, r in refused.items()},
-        )
+        self._sent_on_connection += 1
+        limit = self.config.max_messages_per_connection
+        if limit and self._sent_on_connection >= limit:
+            await self.close()
+        return SendResult(code=response.code, message=response.message, refused=refused)
+
+    async def _reset(self) -> None:
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                await self._smtp.rset()
+            except (aiosmtplib.SMTPException, OSError):
+                await self.close()
 
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
