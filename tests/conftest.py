@@ -33,26 +33,34 @@ class Received:
 
 @dataclass
 class RecordingHandler:
-    """Records accepted messages. Scripting: ``data_replies`` (consumed one per DATA),
-    ``rcpt_replies`` (address -> reply, every time)."""
+    """Records accepted messages. Scripting: ``data_replies`` (consumed one per DATA;
+    ``"DROP"`` keeps the message but closes the connection before replying, so the client
+    cannot know), ``rcpt_replies`` (address -> reply, every time; a list is consumed one
+    reply per RCPT of that address)."""
 
     messages: list[Received] = field(default_factory=list)
     data_replies: deque[str] = field(default_factory=deque)
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    rcpt_replies: dict[str, str | list[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address in self.rcpt_replies:
-            return self.rcpt_replies[address]
+        scripted = self.rcpt_replies.get(address)
+        if isinstance(scripted, list):
+            scripted = scripted.pop(0) if scripted else None
+        if scripted:
+            return scripted
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
             reply = self.data_replies.popleft() if self.data_replies else "250 OK accepted"
-            if reply.startswith("250"):
+            if reply.startswith("250") or reply == "DROP":
                 self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                               bytes(envelope.original_content or b"")))
+        if reply == "DROP":
+            server.transport.close()
+            return "250 never seen"
         return reply
 
     def subjects(self) -> list[str]:

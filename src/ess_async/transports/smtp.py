@@ -125,9 +125,10 @@ class SMTPTransport(Transport):
                     refused[rcpt] = (exc.code, exc.message)
             if len(refused) == len(recipients):
                 await smtp.rset()
-                raise _refused_error(refused)
-            phase = "DATA"
-            response = await smtp.data(raw)
+                response = None
+            else:
+                phase = "DATA"
+                response = await smtp.data(raw)
         except aiosmtplib.SMTPResponseException as exc:
             error = _error_from_code(exc.code, f"{phase}: {exc.message}")
             if exc.code == 421:
@@ -142,6 +143,8 @@ class SMTPTransport(Transport):
                 # Lost during DATA: the server may have accepted the message.
                 outcome_unknown=phase == "DATA") from None
         self._last_used = time.monotonic()
+        if response is None:
+            raise _refused_error(refused)
         self._sent_on_connection += 1
         limit = self.config.max_messages_per_connection
         if limit and self._sent_on_connection >= limit:

@@ -1,0 +1,163 @@
+"""Delivery semantics: per-recipient results, push-back, connection reuse, the delivery log,
+and a reply lost after the data was sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from ess_async import Manager
+from ess_async.throttle import Throttle
+
+from .conftest import FakeClock, SMTPServer, make_config
+
+
+def records(workspace: Path, state: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+
+
+async def test_4xx_recipient_is_retried_alone(tmp_path: Path, smtp_server: SMTPServer) -> None:
+    clock = FakeClock()
+    handler = smtp_server.handler
+    handler.rcpt_replies["busy@example.com"] = ["450 4.2.1 mailbox busy"]
+    handler.rcpt_replies["gone@example.com"] = "550 5.1.1 no such user"
+    manager = Manager(tmp_path / "ws", config=make_config(smtp_server.port), clock=clock)
+    await manager.create_work(to=["ok@example.com", "busy@example.com", "gone@example.com"],
+                              subject="partial")
+    summary = await manager.process_workload()
+    assert summary.deferred == 1
+    (record,) = records(tmp_path / "ws", "deferred")
+    assert record["recipients"] == ["busy@example.com"]
+    assert record["delivered_to"] == ["ok@example.com"]
+    assert record["refused"] == {"gone@example.com": [550, "5.1.1 no such user"]}
+    assert [m.rcpt_tos for m in handler.messages] == [["ok@example.com"]]
+
+    clock.advance(10)
+    assert (await manager.process_workload()).passed == 1
+    # The second delivery went to the deferred recipient alone.
+    assert [m.rcpt_tos for m in handler.messages] == [["ok@example.com"],
+                                                      ["busy@example.com"]]
+    (record,) = records(tmp_path / "ws", "passed")
+    assert record["delivered_to"] == ["ok@example.com", "busy@example.com"]
+    assert record["result"]["refused"] == {"gone@example.com": [550, "5.1.1 no such user"]}
+    assert record["attempts"] == 2
+
+
+async def test_mixed_refusal_of_every_recipient(tmp_path: Path, smtp_server: SMTPServer) -> None:
+    clock = FakeClock()
+    handler = smtp_server.handler
+    handler.rcpt_replies["busy@example.com"] = ["452 4.2.2 over quota"]
+    handler.rcpt_replies["gone@example.com"] = "550 5.1.1 no such user"
+    manager = Manager(tmp_path / "ws", config=make_config(smtp_server.port), clock=clock)
+    await manager.create_work(to=["busy@example.com", "gone@example.com"], subject="x")
+    assert (await manager.process_workload()).deferred == 1
+    (record,) = records(tmp_path / "ws", "deferred")
+    assert record["recipients"] == ["busy@example.com"]
+    assert record["refused"] == {"gone@example.com": [550, "5.1.1 no such user"]}
+    clock.advance(10)
+    assert (await manager.process_workload()).passed == 1
+    assert handler.messages[0].rcpt_tos == ["busy@example.com"]
+
+
+async def test_reply_lost_after_data_is_outcome_unknown(tmp_path: Path,
+                                                        smtp_server: SMTPServer) -> None:
+    clock = FakeClock()
+    smtp_server.handler.data_replies.append("DROP")
+    manager = Manager(tmp_path / "ws", config=make_config(smtp_server.port), clock=clock)
+    await manager.create_work(to="a@example.com", subject="unknown")
+    assert (await manager.process_workload()).deferred == 1
+    (record,) = records(tmp_path / "ws", "deferred")
+    assert record["last_error"]["outcome_unknown"] is True
+    assert "during DATA" in record["last_error"]["message"]
+    assert record["next_attempt_at"] >= clock.now + 1  # not at once
+    assert (await manager.process_workload()).total == 0
+    clock.advance(10)
+    assert (await manager.process_workload()).passed == 1
+    assert len(smtp_server.handler.messages) == 2  # the one duplicate it could not avoid
+
+
+async def test_push_back_pauses_and_recovers(tmp_path: Path, smtp_server: SMTPServer) -> None:
+    smtp_server.handler.data_replies.append("421 4.7.0 too many connections, slow down")
+    config = make_config(smtp_server.port)
+    async with Manager(tmp_path / "ws", spawn=4, config=config) as manager:
+        for i in range(30):
+            await manager.create_work(to="a@example.com", subject=f"m{i}")
+        await asyncio.to_thread(smtp_server.handler.wait_for, 30, 30)
+        run = manager._run
+        assert run is not None
+        throttle = run.dispatcher.throttle
+    assert throttle.max_concurrency == 4
+    assert throttle.limit >= 2  # halved to 2, then earning slots back on successes
+    assert sorted(smtp_server.handler.subjects()) == sorted(f"m{i}" for i in range(30))
+
+
+async def test_throttle_halves_pauses_and_recovers() -> None:
+    clock = FakeClock(0.0)
+    throttle = Throttle(8, recover_after=3, min_pause=5, clock=clock)
+    throttle.push_back()
+    assert (throttle.limit, throttle.paused, throttle.paused_until) == (4, True, 5)
+    throttle.push_back()
+    assert (throttle.limit, throttle.paused_until) == (2, 10)  # pause doubled
+    clock.advance(10)
+    assert not throttle.paused
+    for _ in range(3):
+        throttle.success()
+    assert throttle.limit == 3
+    for _ in range(30):
+        throttle.success()
+    assert throttle.limit == 8
+    for _ in range(10):
+        throttle.push_back()
+    assert throttle.limit == 1
+
+
+async def test_throttle_caps_concurrency() -> None:
+    throttle = Throttle(2)
+    peak = 0
+
+    async def job() -> None:
+        nonlocal peak
+        async with throttle:
+            peak = max(peak, throttle.active)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*[job() for _ in range(10)])
+    assert peak == 2
+    assert throttle.active == 0
+
+
+async def test_max_messages_per_connection(tmp_path: Path, smtp_server: SMTPServer) -> None:
+    peers = []
+    original = smtp_server.handler.handle_DATA
+
+    async def handle_DATA(server, session, envelope):
+        peers.append(session.peer)
+        return await original(server, session, envelope)
+
+    smtp_server.handler.handle_DATA = handle_DATA  # type: ignore[method-assign]
+    config = make_config(smtp_server.port,
+                         transport={"smtp": {"port": smtp_server.port,
+                                             "max_messages_per_connection": 2}})
+    manager = Manager(tmp_path / "ws", spawn=1, config=config)
+    for i in range(6):
+        await manager.create_work(to="a@example.com", subject=f"m{i}")
+    assert (await manager.process_workload()).passed == 6
+    assert len(set(peers)) == 3
+
+
+async def test_delivery_log(tmp_path: Path, smtp_server: SMTPServer) -> None:
+    smtp_server.handler.data_replies.extend(["250 OK", "550 5.7.1 spam"])
+    config = make_config(smtp_server.port, server={"delivery_log": True})
+    manager = Manager(tmp_path / "ws", spawn=1, config=config)
+    await manager.create_work(to="a@example.com", subject="secret subject", body="SECRET BODY",
+                              tags=["t1"])
+    await manager.create_work(to="b@example.com", subject="x", body="SECRET BODY")
+    await manager.process_workload()
+    log = tmp_path / "ws" / "delivery.log"
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["state"] for e in events] == ["passed", "failed"]
+    assert events[0]["tags"] == ["t1"] and events[0]["recipients"] == 1
+    assert events[1]["code"] == 550
+    assert "SECRET BODY" not in log.read_text()
+    assert log.stat().st_mode & 0o777 == 0o600
