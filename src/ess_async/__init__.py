@@ -13,12 +13,14 @@ from .errors import (
     DeliveryError,
     EssError,
     MessageError,
+    MessageNotFound,
     PermanentDeliveryError,
     SpoolError,
     TemporaryDeliveryError,
     WorkspaceLockedError,
 )
 from .manager import Manager
+from .outcome import Outcome
 from .sender import WorkloadSummary
 from .transports import SendResult, Transport
 
@@ -30,6 +32,8 @@ __all__ = (
     "EssError",
     "Manager",
     "MessageError",
+    "MessageNotFound",
+    "Outcome",
     "PermanentDeliveryError",
     "SendResult",
     "SpoolError",

@@ -7,6 +7,7 @@ __all__ = (
     "DeliveryError",
     "EssError",
     "MessageError",
+    "MessageNotFound",
     "PermanentDeliveryError",
     "SpoolError",
     "TemporaryDeliveryError",
@@ -25,6 +26,14 @@ class MessageError(EssError, ValueError):
         self.field = field
         self.problem = problem
         super().__init__(f"{field}: {problem}")
+
+
+class MessageNotFound(EssError, LookupError):
+    """No message with this id is in the spool (never queued, or purged)."""
+
+    def __init__(self, msg_id: str) -> None:
+        self.id = msg_id
+        super().__init__(f"no message {msg_id} in the spool")
 
 
 class ConfigError(EssError, ValueError):
@@ -58,7 +67,8 @@ class DeliveryError(EssError):
 
     ``pushback`` marks a server asking its clients to slow down (421, "too many",
     refused connections). ``refused`` maps recipients refused at RCPT to (code, reply)
-    when every recipient was refused; ``outcome_unknown`` means the connection was lost
+    when every recipient was refused; ``phase`` is the SMTP step that failed;
+    ``outcome_unknown`` means the connection was lost
     after the message data was sent, so the server may have accepted it.
     """
 
@@ -66,8 +76,9 @@ class DeliveryError(EssError):
 
     def __init__(self, message: str, *, code: int | None = None, pushback: bool = False,
                  refused: dict[str, tuple[int, str]] | None = None,
-                 outcome_unknown: bool = False) -> None:
+                 outcome_unknown: bool = False, phase: str | None = None) -> None:
         self.code = code
+        self.phase = phase  # the SMTP step that failed: CONNECT, MAIL, RCPT or DATA
         self.message = message
         self.pushback = pushback
         self.refused = refused or {}

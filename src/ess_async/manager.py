@@ -24,12 +24,13 @@ import aiofiles.os
 
 from .config import CONFIG_TEMPLATE, Config, load_config
 from .enqueue import Enqueuer, prepare
-from .errors import EssError, SpoolError
+from .errors import EssError, MessageNotFound, SpoolError
 from .journal import Journal, replay
 from .lock import WorkspaceLock
+from .outcome import Outcome, message_id
 from .retry import RetryPolicy
 from .sender import Dispatcher, WorkItem, WorkloadSummary
-from .spool import CorruptRecord, Spool, priority_rank
+from .spool import FINAL_STATES, CorruptRecord, Spool, priority_rank
 from .throttle import Throttle
 from .transports import Transport, create_transport
 from .watcher import watch_queued
@@ -90,6 +91,7 @@ class Manager:
         self.workers: list[asyncio.Task[None]] = []
         self._commit = aiofiles.os.wrap(Enqueuer(self.spool).commit)
         self.last_recovery: dict[str, int] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
 
     @property
     def config_path(self) -> Path:
@@ -136,6 +138,40 @@ class Manager:
         """How many messages are in each state (a folder count; cheap)."""
         return self.spool.counts()
 
+    async def wait(self, message: str | os.PathLike[str], *,
+                   timeout: float | None = None) -> Outcome:
+        """Wait until the message (an id or a path from ``create_work``) is passed, failed
+        or quarantined, and return how it ended. It may be delivered by this manager or by
+        another process. Raises TimeoutError, or MessageNotFound for an unknown id."""
+        msg_id = message_id(str(message))
+        event = self._waiters.setdefault(msg_id, asyncio.Event())
+        delay = 0.005
+        misses = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event.clear()
+                    found = self.spool.find(msg_id)
+                    if found is None:
+                        misses += 1  # it may be between two folders: look again first
+                        if misses > 3:
+                            raise MessageNotFound(msg_id)
+                    elif found[0] in FINAL_STATES:
+                        return self._outcome(*found)
+                    else:
+                        misses = 0
+                    # Woken at once by this manager's senders, or by polling for others.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(), delay)
+                    delay = min(delay * 2, 0.5)
+        finally:
+            self._waiters.pop(msg_id, None)
+
+    def _outcome(self, state: str, path: Path) -> Outcome:
+        if state == "corrupt":
+            return Outcome(id=path.stem, state=state, path=path)
+        return Outcome.from_record(state, path, self.spool.read(path))
+
     # -- opening and closing a delivery run ------------------------------------------
 
     def _open_run(self) -> _Run:
@@ -167,7 +203,7 @@ class Manager:
             raise
         run = _Run(dispatcher, journal)
         dispatcher.on_deferred = lambda msg_id, due: self._schedule(run, msg_id, due)
-        dispatcher.on_finished = lambda msg_id, state: self._maybe_compact(run)
+        dispatcher.on_finished = lambda msg_id, state: self._finished(run, msg_id)
         self._run = run
         return run
 
@@ -240,6 +276,12 @@ class Manager:
             _, msg_id, state = heapq.heappop(run.timers)
             run.timed.discard(msg_id)
             self._offer(run, msg_id, state)
+
+    def _finished(self, run: _Run, msg_id: str) -> None:
+        waiter = self._waiters.get(msg_id)
+        if waiter is not None:
+            waiter.set()
+        self._maybe_compact(run)
 
     def _maybe_compact(self, run: _Run) -> None:
         journal = run.journal

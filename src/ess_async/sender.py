@@ -177,7 +177,8 @@ class Dispatcher:
 
     async def _failed_attempt(self, record: dict[str, Any], exc: DeliveryError) -> str:
         now = self.clock()
-        record["last_error"] = {"code": exc.code, "message": exc.message, "at": now}
+        record["last_error"] = {"code": exc.code, "message": exc.message, "phase": exc.phase,
+                                "at": now}
         if exc.outcome_unknown:
             # The server may have the message: say so, and do not retry at once.
             record["last_error"]["outcome_unknown"] = True
@@ -199,7 +200,7 @@ class Dispatcher:
                 self.on_deferred(record["id"], due)
             return self._done(record, "deferred")
         record.update(state="failed", finished_at=now, next_attempt_at=None,
-                      result={"code": exc.code, "message": exc.message,
+                      result={"code": exc.code, "message": exc.message, "phase": exc.phase,
                               "reason": "permanent" if not exc.temporary else "gave up",
                               "refused": record.get("refused", {})})
         await self._finish("failed", record)

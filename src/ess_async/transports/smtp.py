@@ -26,10 +26,12 @@ def _is_pushback(code: int, message: str) -> bool:
     return code == 421 or (code in (450, 451, 452) and "too many" in message.lower())
 
 
-def _error_from_code(code: int, message: str) -> TemporaryDeliveryError | PermanentDeliveryError:
+def _error_from_code(code: int, message: str, phase: str | None = None,
+                     ) -> TemporaryDeliveryError | PermanentDeliveryError:
     if 500 <= code < 600:
-        return PermanentDeliveryError(message, code=code)
-    return TemporaryDeliveryError(message, code=code, pushback=_is_pushback(code, message))
+        return PermanentDeliveryError(message, code=code, phase=phase)
+    return TemporaryDeliveryError(message, code=code, phase=phase,
+                                  pushback=_is_pushback(code, message))
 
 
 def _refused_error(
@@ -42,9 +44,9 @@ def _refused_error(
     if temporary:
         return TemporaryDeliveryError(
             f"all recipients refused: {detail}", code=min(temporary), refused=refused,
-            pushback=any(_is_pushback(c, t) for c, t in refused.values()))
+            phase="RCPT", pushback=any(_is_pushback(c, t) for c, t in refused.values()))
     return PermanentDeliveryError(f"all recipients refused: {detail}", code=max(codes),
-                                  refused=refused)
+                                  refused=refused, phase="RCPT")
 
 
 class SMTPTransport(Transport):
@@ -90,17 +92,18 @@ class SMTPTransport(Transport):
             # Bad credentials will not fix themselves, but the queue must not be
             # emptied into failed/ by a configuration mistake: defer instead.
             raise TemporaryDeliveryError(f"authentication failed: {exc.message}",
-                                         code=exc.code) from None
+                                         code=exc.code, phase="CONNECT") from None
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
-            raise TemporaryDeliveryError(f"connect: {exc.message}", code=exc.code) from None
+            raise TemporaryDeliveryError(exc.message, code=exc.code, phase="CONNECT",
+                                         pushback=_is_pushback(exc.code, exc.message)) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             refused = isinstance(exc, ConnectionRefusedError) or isinstance(
                 exc.__cause__, ConnectionRefusedError) or "refused" in str(exc).lower()
             raise TemporaryDeliveryError(
                 f"cannot connect to {self.config.host}:{self.config.port}: {exc}",
-                pushback=refused) from None
+                pushback=refused, phase="CONNECT") from None
         self._smtp = smtp
         self._sent_on_connection = 0
         return smtp
@@ -130,7 +133,7 @@ class SMTPTransport(Transport):
                 phase = "DATA"
                 response = await smtp.data(raw)
         except aiosmtplib.SMTPResponseException as exc:
-            error = _error_from_code(exc.code, f"{phase}: {exc.message}")
+            error = _error_from_code(exc.code, exc.message, phase)
             if exc.code == 421:
                 await self.close()  # 421: the server is closing this connection
             else:
@@ -141,7 +144,7 @@ class SMTPTransport(Transport):
             raise TemporaryDeliveryError(
                 f"connection lost during {phase}: {exc}",
                 # Lost during DATA: the server may have accepted the message.
-                outcome_unknown=phase == "DATA") from None
+                outcome_unknown=phase == "DATA", phase=phase) from None
         self._last_used = time.monotonic()
         if response is None:
             raise _refused_error(refused)
