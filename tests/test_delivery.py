@@ -59,7 +59,8 @@ async def test_round_trip(tmp_path: Path, smtp_server: SMTPServer) -> None:
 
 async def test_permanent_failure_records_reply(tmp_path: Path, smtp_server: SMTPServer) -> None:
     smtp_server.handler.data_replies.append("554 5.7.1 Message rejected as spam")
-    manager = Manager(tmp_path / "ws", config=make_config(smtp_server.port))
+    # One sender, so the scripted reply meets the first message.
+    manager = Manager(tmp_path / "ws", spawn=1, config=make_config(smtp_server.port))
     await manager.create_work(to="a@example.com", subject="spam?", body="x")
     await manager.create_work(to="b@example.com", subject="fine", body="x")
     summary = await manager.process_workload()
