@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import aiofiles.os
 
 from .errors import DeliveryError, SpoolError
+from .faults import crash_point
 from .journal import Journal
 from .retry import RetryPolicy
 from .spool import CorruptRecord, Spool
@@ -92,6 +93,7 @@ class Dispatcher:
             return None
         self.claimed[msg_id] = None
         self.journal.append({"op": "claim", "id": msg_id, "at": self.clock()})
+        crash_point("after_claim")
         path = self.spool.path("active", msg_id)
         try:
             try:
@@ -125,6 +127,7 @@ class Dispatcher:
         except Exception as exc:  # a transport bug must not lose the message or the sender
             logger.exception("message %s: unexpected error from transport", msg_id)
             return await self._failed_attempt(record, DeliveryError(f"internal error: {exc!r}"))
+        crash_point("after_250")
         self.throttle.success()
         # From here on the message is delivered: finish even if the run is being cancelled.
         task = asyncio.ensure_future(self._accepted(record, result))
@@ -137,6 +140,7 @@ class Dispatcher:
         entry = {"op": "accepted", "id": msg_id, "at": self.clock(), "code": result.code,
                  "reply": result.message, "refused": result.refused}
         await self.journal.append_durable(entry)
+        crash_point("after_journal")
         self.claimed[msg_id] = entry
         try:
             state, settled = self.settle_accepted(record, entry)

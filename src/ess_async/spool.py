@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpoolError
+from .faults import crash_point
 from .message import MessageSpec
 
 __all__ = (
@@ -149,11 +150,13 @@ class Spool:
         """Atomically and durably put ``data`` at ``target`` (tmp, fsync, rename, fsync)."""
         try:
             tmp = self._write_tmp(target.stem, data)
+            crash_point("after_tmp_write")
             try:
                 os.replace(tmp, target)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
+            crash_point("after_queue_rename")
             _fsync_dir(target.parent)
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot write {target}: {exc.strerror}") from None

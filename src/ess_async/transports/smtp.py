@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -10,6 +11,7 @@ import aiosmtplib
 
 from ..config import SmtpConfig
 from ..errors import PermanentDeliveryError, TemporaryDeliveryError
+from ..faults import crash_point
 from .base import SendResult, Transport
 
 __all__ = ("SMTPTransport",)
@@ -119,6 +121,7 @@ class SMTPTransport(Transport):
                     await smtp.helo()  # an old server without ESMTP
             options = [f"SIZE={len(raw)}"] if smtp.supports_extension("size") else []
             await smtp.mail(mail_from, options=options)
+            crash_point("after_mail_from")
             phase = "RCPT"
             refused: dict[str, tuple[int, str]] = {}
             for rcpt in recipients:
@@ -131,6 +134,8 @@ class SMTPTransport(Transport):
                 response = None
             else:
                 phase = "DATA"
+                # The crash fires once DATA is under way (at its first wait for the server).
+                asyncio.get_running_loop().call_soon(crash_point, "during_data")
                 response = await smtp.data(raw)
         except aiosmtplib.SMTPResponseException as exc:
             error = _error_from_code(exc.code, exc.message, phase)

@@ -1,0 +1,79 @@
+"""SIGKILL at every step of enqueue and delivery, then restart: nothing is lost, and the
+only duplicate is the unavoidable one (the server said 250, the journal had not yet)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ess_async import Client
+
+from .conftest import SMTPServer, write_config
+
+N = 8
+CRASH_ON = 3  # the third message through the crash point
+
+
+def run_cli(workspace: Path, *args: str, crash_at: str | None = None) -> int:
+    env = dict(os.environ)
+    env.pop("ESS_TEST_CRASH_AT", None)
+    if crash_at:
+        env["ESS_TEST_CRASH_AT"] = crash_at
+    proc = subprocess.run([sys.executable, "-m", "ess_async", "--log-level", "WARNING", *args,
+                           "--workspace", str(workspace)], env=env, capture_output=True,
+                          timeout=60)
+    return proc.returncode
+
+
+@pytest.mark.parametrize(
+    ("point", "duplicates"),
+    [("after_claim", 0), ("after_mail_from", 0), ("during_data", 0), ("after_250", 1),
+     ("after_journal", 0)],
+)
+def test_crash_while_delivering(tmp_path: Path, smtp_server: SMTPServer, point: str,
+                                duplicates: int) -> None:
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    client = Client(ws)
+    for i in range(N):
+        client.create_work(to="a@example.com", subject=f"m{i}")
+
+    killed = run_cli(ws, "process", "--spawn", "1", crash_at=f"{point}:{CRASH_ON}")
+    assert killed == -9
+    assert run_cli(ws, "process") == 0
+
+    received = Counter(smtp_server.handler.subjects())
+    assert set(received) == {f"m{i}" for i in range(N)}  # none lost
+    assert sum(received.values()) - N == duplicates
+    assert run_cli(ws, "status") == 0
+    counts = {state: len(list((ws / state).rglob("*.json")))
+              for state in ("queued", "active", "deferred", "passed", "failed")}
+    assert counts == {"queued": 0, "active": 0, "deferred": 0, "passed": N, "failed": 0}
+
+
+ENQUEUE = (
+    "import sys; from ess_async import Client; "
+    "Client(sys.argv[1]).create_work(to='a@example.com', subject='crash', "
+    "from_='s@example.com')"
+)
+
+
+@pytest.mark.parametrize(("point", "delivered"), [("after_tmp_write", 0),
+                                                  ("after_queue_rename", 1)])
+def test_crash_while_enqueueing(tmp_path: Path, smtp_server: SMTPServer, point: str,
+                                delivered: int) -> None:
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    env = {**os.environ, "ESS_TEST_CRASH_AT": point}
+    proc = subprocess.run([sys.executable, "-c", ENQUEUE, str(ws)], env=env, timeout=60)
+    assert proc.returncode == -9
+    # Never a partial file in queued/: either nothing, or the whole message.
+    for path in (ws / "queued").iterdir():
+        assert Client(ws).spool.read(path)["subject"] == "crash"
+    assert run_cli(ws, "process") == 0
+    assert smtp_server.handler.subjects() == ["crash"] * delivered
