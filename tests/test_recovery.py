@@ -28,7 +28,8 @@ async def test_claimed_but_unsent_is_requeued_and_sent(tmp_path: Path,
     with open(ws / "journal.log", "a") as journal:
         journal.write(json.dumps({"op": "claim", "id": path.stem, "at": 1}) + "\n")
     manager = Manager(ws, config=config)
-    assert await manager.cleanup() == {"requeued": 1, "passed": 0, "corrupt": 0}
+    assert await manager.cleanup() == {"requeued": 1, "passed": 0, "corrupt": 0,
+                                      "unsettled": 0}
     assert path.exists()
     assert (await manager.process_workload()).passed == 1
     assert smtp_server.handler.subjects() == ["crashed"]

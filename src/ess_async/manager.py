@@ -196,7 +196,7 @@ class Manager:
             self.last_recovery = settled = dispatcher.recover(entries)
             if any(settled.values()):
                 logger.info("recovered claims from an earlier run: %s", settled)
-            journal.compact([])
+            journal.compact(dispatcher.unsettled)
             self.spool.clean_tmp()
         except BaseException:
             self._lock.release()
@@ -213,7 +213,7 @@ class Manager:
             # Whatever is still claimed (a send cut off at the deadline) goes back to
             # queued/, or to passed/ if the journal shows the server accepted it.
             run.dispatcher.recover(replay(run.journal.path))
-            run.journal.compact([])
+            run.journal.compact(run.dispatcher.unsettled)
         finally:
             run.journal.close()
             if run.dispatcher.delivery_log is not None:
@@ -286,7 +286,8 @@ class Manager:
     def _maybe_compact(self, run: _Run) -> None:
         journal = run.journal
         if journal.entries_written >= _COMPACT_AFTER and not journal.syncing:
-            journal.compact([e for e in run.dispatcher.claimed.values() if e is not None])
+            journal.compact([*run.dispatcher.unsettled,
+                             *(e for e in run.dispatcher.claimed.values() if e is not None)])
 
     async def _timers(self, run: _Run) -> None:
         while True:

@@ -78,6 +78,7 @@ class Dispatcher:
         # Claimed message ids -> their durable "accepted" journal entry once there is one.
         self.claimed: dict[str, dict[str, Any] | None] = {}
         self.finishing: set[asyncio.Task[str]] = set()
+        self.unsettled: list[dict[str, Any]] = []  # accepted, not yet finished (see recover)
         self.summary = WorkloadSummary()
         self._read = aiofiles.os.wrap(spool.read)
         self._finish = aiofiles.os.wrap(spool.finish)
@@ -145,6 +146,11 @@ class Dispatcher:
         try:
             state, settled = self.settle_accepted(record, entry)
             await self._finish(state, settled)
+        except OSError:
+            # Delivered, but not recorded (disk full?): keep the journal entry so that
+            # recovery finishes it later and it is never sent again.
+            self.unsettled.append(entry)
+            raise
         finally:
             self.claimed.pop(msg_id, None)
         return self._done(settled, state)
@@ -238,27 +244,36 @@ class Dispatcher:
 
     def recover(self, entries: dict[str, dict[str, Any]]) -> dict[str, int]:
         """Settle every message left in ``active/`` (after a crash or a cancelled run):
-        accepted ones are finished as passed, the rest go back to ``queued/``."""
-        counts = {"requeued": 0, "passed": 0, "corrupt": 0}
+        accepted ones are finished as passed, the rest go back to ``queued/``.
+
+        An accepted message that cannot be finished now (a full disk, say) stays in
+        ``active/`` and its journal entry is kept in ``unsettled``: it is never resent.
+        """
+        counts = {"requeued": 0, "passed": 0, "corrupt": 0, "unsettled": 0}
+        self.unsettled = []
         for msg_id in self.spool.ids("active"):
             entry = entries.get(msg_id)
             path = self.spool.path("active", msg_id)
-            if entry is None or entry.get("op") != "accepted":
-                self.spool.rename(msg_id, "active", "queued")
-                counts["requeued"] += 1
-                continue
             try:
-                record = self.spool.read(path)
-            except CorruptRecord as exc:
-                self.spool.quarantine(path, exc.reason)
-                counts["corrupt"] += 1
-                continue
-            except SpoolError:
-                raise
-            record["attempts"] = record.get("attempts", 0) + 1
-            state, settled = self.settle_accepted(record, entry)
-            self.spool.finish(state, settled)
-            counts["passed"] += 1
+                if entry is None or entry.get("op") != "accepted":
+                    self.spool.rename(msg_id, "active", "queued")
+                    counts["requeued"] += 1
+                    continue
+                try:
+                    record = self.spool.read(path)
+                except CorruptRecord as exc:
+                    self.spool.quarantine(path, exc.reason)
+                    counts["corrupt"] += 1
+                    continue
+                record["attempts"] = record.get("attempts", 0) + 1
+                state, settled = self.settle_accepted(record, entry)
+                self.spool.finish(state, settled)
+                counts["passed"] += 1
+            except OSError as exc:  # SpoolError included
+                logger.error("cannot settle message %s now: %s", msg_id, exc)
+                counts["unsettled"] += 1
+                if entry is not None and entry.get("op") == "accepted":
+                    self.unsettled.append(entry)
         for stray in self.spool.strays("active"):
             self.spool.quarantine(stray, "unexpected file in active/")
             counts["corrupt"] += 1
