@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,9 @@ from .config import parse_config
 from .errors import EssError
 from .lock import lock_holder
 from .manager import Manager, default_workspace
+from .ops import PURGEABLE, MessageInfo, QueueOps, parse_duration
 from .sender import WorkloadSummary
+from .spool import STATES
 
 __all__ = ("cli", "main")
 
@@ -86,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spawn", type=int, default=3)
 
     sub.add_parser("version", help="print the version")
+    _add_queue_commands(sub)
     return parser
 
 
@@ -231,6 +235,98 @@ async def _demo(args: argparse.Namespace) -> int:
             print(f"sink received {sink.count}; spool status: {manager.status()}")
             return 0 if sink.count == args.n == summary.passed else 1
 
+# -- queue operations (mailq / postsuper) -----------------------------------------------
+
+_QUEUE_COMMANDS = ("list", "show", "retry", "hold", "release", "delete", "purge")
+
+
+def _add_queue_commands(sub: Any) -> None:
+    p = sub.add_parser("list", help="list messages, oldest first (like mailq)")
+    _add_workspace(p)
+    p.add_argument("--state", action="append", dest="states", choices=STATES, default=None,
+                   help="only this state (repeatable; default: all)")
+    p.add_argument("--limit", type=int, default=None, help="at most N messages")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("show", help="print a message's record as JSON")
+    _add_workspace(p)
+    p.add_argument("id", help="message id (or its spool path)")
+    p.add_argument("--raw", action="store_true", help="include the message text")
+
+    p = sub.add_parser("retry", help="send a deferred or failed message again now")
+    _add_workspace(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", default=None, help="message id (or its spool path)")
+    which.add_argument("--all", action="store_true", help="every deferred and failed message")
+
+    for name, text in (("hold", "keep a queued, scheduled or deferred message from being sent"),
+                       ("release", "send a held message (or reschedule it) again"),
+                       ("delete", "remove a message (not while it is being sent)")):
+        p = sub.add_parser(name, help=text)
+        _add_workspace(p)
+        p.add_argument("id", help="message id (or its spool path)")
+
+    p = sub.add_parser("purge", help="delete old passed, failed or corrupt messages")
+    _add_workspace(p)
+    p.add_argument("--state", required=True, choices=PURGEABLE)
+    p.add_argument("--older-than", required=True, dest="older_than",
+                   help="a duration: 30s, 10m, 12h, 7d")
+
+
+def _age(seconds: float) -> str:
+    whole = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+def _print_infos(infos: list[MessageInfo], now: float) -> None:
+    if not infos:
+        print("no messages")
+        return
+    print(f"{'ID':<30} {'STATE':<9} {'AGE':>5} {'TRIES':>5}  {'PRI':<6} RECIPIENTS / SUBJECT")
+    for info in infos:
+        rcpts = ", ".join(info.recipients[:3]) + (
+            f" (+{len(info.recipients) - 3})" if len(info.recipients) > 3 else "")
+        print(f"{info.id:<30} {info.state:<9} {_age(info.age):>5} {info.attempts:>5}  "
+              f"{info.priority:<6} {rcpts}")
+        if info.subject:
+            print(f"{'':<60}subject: {info.subject}")
+        if info.last_error:
+            print(f"{'':<60}last error: {info.last_error}")
+        if info.next_attempt_at is not None and info.state in ("deferred", "scheduled"):
+            print(f"{'':<60}next attempt in {_age(info.next_attempt_at - now)}")
+    print(f"-- {len(infos)} message(s)")
+
+
+def _cmd_queue(args: argparse.Namespace) -> int:
+    ops = QueueOps(_workspace(args))
+    if args.command == "list":
+        now = ops.clock()
+        infos = ops.list(args.states, args.limit)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(i) for i in infos], ensure_ascii=False))
+        else:
+            _print_infos(infos, now)
+    elif args.command == "show":
+        print(json.dumps(ops.show(args.id, raw=args.raw), indent=2, ensure_ascii=False))
+    elif args.command == "retry" and args.all:
+        print(f"retried {ops.retry_all()} message(s)")
+    elif args.command == "retry":
+        print(f"{ops.retry(args.id).stem} queued")
+    elif args.command == "hold":
+        print(f"{ops.hold(args.id).stem} held")
+    elif args.command == "release":
+        path = ops.release(args.id)
+        print(f"{path.stem} {path.parent.name}")
+    elif args.command == "delete":
+        print(f"{args.id} deleted (was {ops.delete(args.id)})")
+    elif args.command == "purge":
+        count = ops.purge(args.state, parse_duration(args.older_than))
+        print(f"purged {count} {args.state} message(s)")
+    return 0
+
 
 def cli(*argv: str) -> int:
     """Run a command as the console script would; returns the exit status."""
@@ -253,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "stop":
             return _cmd_stop(args)
+        if args.command in _QUEUE_COMMANDS:
+            return _cmd_queue(args)
         if args.command == "config":
             print(Manager(_workspace(args)).create_config())
             return 0

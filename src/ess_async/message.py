@@ -36,6 +36,8 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII exc
 _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FORBIDDEN_CHARS = ("\r", "\n", "\0")
 _RENDER_POLICY = policy.SMTP.clone(max_line_length=998)
+# For UTF-8 mailboxes (RFC 6531): headers stay raw UTF-8; the server must offer SMTPUTF8.
+_RENDER_POLICY_UTF8 = policy.SMTPUTF8.clone(max_line_length=998)
 MAX_HEADER_VALUE = 4000
 
 
@@ -47,6 +49,7 @@ class MessageSpec:
     recipients: list[str]
     raw: bytes
     summary: dict[str, Any] = field(default_factory=dict)
+    smtputf8: bool = False  # a UTF-8 mailbox: raw is UTF-8 and needs an SMTPUTF8 server
 
 
 def _check_text(name: str, value: object, *, header: bool) -> str:
@@ -92,8 +95,9 @@ def parse_address(name: str, value: object) -> Address:
     addr = addresses[0]
     if not addr.username or not addr.domain or " " in addr.addr_spec:
         raise MessageError(name, f"malformed address {text!r}")
-    if not addr.username.isascii():
-        raise MessageError(name, f"non-ASCII local part in {text!r} is not supported")
+    if not addr.username.isascii() and (addr.username.startswith('"') or any(
+            ch in addr.username for ch in " ,<>()[]\\")):
+        raise MessageError(name, f"malformed UTF-8 local part in {text!r}")
     domain = _ascii_domain(name, addr.domain)
     return Address(display_name=addr.display_name, username=addr.username, domain=domain)
 
@@ -200,7 +204,9 @@ def build_message(attrs: Mapping[str, Any],
     attachments = [_attachment(i, a) for i, a in enumerate(merged.get("attachments") or [])]
     tags = _tags(merged.get("tags"))
 
-    msg = EmailMessage(policy=_RENDER_POLICY)
+    utf8 = not all(a.username.isascii() for a in [sender, *to, *cc, *bcc, *reply_to])
+    render = _RENDER_POLICY_UTF8 if utf8 else _RENDER_POLICY
+    msg = EmailMessage(policy=render)
     msg["From"] = sender
     if to:
         msg["To"] = to
@@ -222,7 +228,7 @@ def build_message(attrs: Mapping[str, Any],
         maintype, subtype = mimetype.split("/")
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
     try:
-        raw = msg.as_bytes(policy=_RENDER_POLICY)
+        raw = msg.as_bytes(policy=render)
     except (ValueError, TypeError) as exc:  # e.g. a header the policy cannot fold
         raise MessageError("headers", f"cannot render message: {exc}") from None
 
@@ -237,4 +243,4 @@ def build_message(attrs: Mapping[str, Any],
         "size": len(raw),
     }
     return MessageSpec(mail_from=sender.addr_spec, recipients=recipients, raw=raw,
-                       summary=summary)
+                       summary=summary, smtputf8=utf8)

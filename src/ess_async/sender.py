@@ -115,8 +115,10 @@ class Dispatcher:
         record["attempts"] = record.get("attempts", 0) + 1
         record["last_attempt_at"] = self.clock()
         try:
+            utf8 = bool(record.get("smtputf8"))
             result = await transport.send(record["mail_from"], record["recipients"],
-                                          record["raw"].encode("ascii"))
+                                          record["raw"].encode("utf-8" if utf8 else "ascii"),
+                                          smtputf8=utf8)
         except DeliveryError as exc:
             if exc.pushback:
                 self.throttle.push_back()

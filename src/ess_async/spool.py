@@ -79,8 +79,9 @@ def new_record(spec: MessageSpec, now: float, *, priority: str = "normal",
         "attempts": 0,
         "next_attempt_at": send_at,
         "last_error": None,
-        # Rendered with 7-bit transfer encodings, so the message text is pure ASCII.
-        "raw": spec.raw.decode("ascii"),
+        # Rendered with 7-bit transfer encodings: ASCII, or UTF-8 headers with SMTPUTF8.
+        "smtputf8": spec.smtputf8,
+        "raw": spec.raw.decode("utf-8" if spec.smtputf8 else "ascii"),
     }
 
 

@@ -29,8 +29,10 @@ class Transport(ABC):
     """
 
     @abstractmethod
-    async def send(self, mail_from: str, recipients: list[str], raw: bytes) -> SendResult:
-        """Deliver ``raw`` to ``recipients``."""
+    async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
+                   smtputf8: bool = False) -> SendResult:
+        """Deliver ``raw`` to ``recipients``; ``smtputf8``: addresses and headers are
+        UTF-8 (RFC 6531), so the server must support SMTPUTF8."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; the transport may be used again afterwards."""

@@ -110,7 +110,8 @@ class SMTPTransport(Transport):
         self._sent_on_connection = 0
         return smtp
 
-    async def send(self, mail_from: str, recipients: list[str], raw: bytes) -> SendResult:
+    async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
+                   smtputf8: bool = False) -> SendResult:
         smtp = await self._connection()
         phase = "MAIL"
         try:
@@ -120,13 +121,21 @@ class SMTPTransport(Transport):
                 except aiosmtplib.SMTPHeloError:
                     await smtp.helo()  # an old server without ESMTP
             options = [f"SIZE={len(raw)}"] if smtp.supports_extension("size") else []
-            await smtp.mail(mail_from, options=options)
+            encoding = "ascii"
+            if smtputf8:
+                if not smtp.supports_extension("smtputf8"):
+                    raise PermanentDeliveryError(
+                        "the server does not support SMTPUTF8, which this message's "
+                        "UTF-8 addresses need", phase="MAIL")
+                options += ["SMTPUTF8", "BODY=8BITMIME"]
+                encoding = "utf-8"
+            await smtp.mail(mail_from, options=options, encoding=encoding)
             crash_point("after_mail_from")
             phase = "RCPT"
             refused: dict[str, tuple[int, str]] = {}
             for rcpt in recipients:
                 try:
-                    await smtp.rcpt(rcpt)
+                    await smtp.rcpt(rcpt, encoding=encoding)
                 except aiosmtplib.SMTPRecipientRefused as exc:
                     refused[rcpt] = (exc.code, exc.message)
             if len(refused) == len(recipients):
