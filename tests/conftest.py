@@ -84,14 +84,15 @@ def free_port() -> int:
 class SMTPServer:
     """An aiosmtpd server on 127.0.0.1 that can be stopped and started on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, **server_kwargs: object) -> None:
         self.handler = RecordingHandler()
         self.port = free_port()
+        self.server_kwargs = server_kwargs  # passed to aiosmtpd's SMTP, e.g. enable_SMTPUTF8
         self._controller: Controller | None = None
 
     def start(self) -> None:
         self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                      decode_data=False)
+                                      decode_data=False, **self.server_kwargs)
         self._controller.start()
 
     def stop(self) -> None:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email import policy
+from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -34,7 +35,10 @@ _RESERVED_HEADERS = frozenset(
 )
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
 _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_FORBIDDEN_CHARS = ("\r", "\n", "\0")
+# In a header value: control characters (tab aside), line and paragraph separators and
+# lone surrogates could split the header or fail to encode. In a body: NUL and surrogates.
+_HEADER_BAD = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_BODY_BAD = re.compile("[\x00\ud800-\udfff]")
 _RENDER_POLICY = policy.SMTP.clone(max_line_length=998)
 # For UTF-8 mailboxes (RFC 6531): headers stay raw UTF-8; the server must offer SMTPUTF8.
 _RENDER_POLICY_UTF8 = policy.SMTPUTF8.clone(max_line_length=998)
@@ -55,14 +59,13 @@ class MessageSpec:
 def _check_text(name: str, value: object, *, header: bool) -> str:
     if not isinstance(value, str):
         raise MessageError(name, f"must be a string, not {type(value).__name__}")
+    bad = (_HEADER_BAD if header else _BODY_BAD).search(value)
+    if bad:
+        raise MessageError(name, f"must not contain {bad.group()!r}")
     if header:
-        for ch in _FORBIDDEN_CHARS:
-            if ch in value:
-                raise MessageError(name, f"must not contain {ch!r}")
         if len(value) > MAX_HEADER_VALUE:
             raise MessageError(name, f"is longer than {MAX_HEADER_VALUE} characters")
-    elif "\0" in value:
-        raise MessageError(name, "must not contain NUL")
+        return value.strip()  # folding would drop surrounding white space anyway
     return value
 
 
@@ -90,6 +93,8 @@ def parse_address(name: str, value: object) -> Address:
         defects = parsed.defects
     except Exception:  # the parser raises assorted errors on garbage
         raise MessageError(name, f"malformed address {text!r}") from None
+    # A UTF-8 local part is allowed (sent with SMTPUTF8); every other defect is not.
+    defects = [d for d in defects if not isinstance(d, NonASCIILocalPartDefect)]
     if len(addresses) != 1 or defects:
         raise MessageError(name, f"malformed address {text!r} (give one address per item)")
     addr = addresses[0]
