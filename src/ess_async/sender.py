@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import aiofiles.os
 
-from .errors import DeliveryError, SpoolError
+from .errors import DeliveryError
 from .faults import crash_point
 from .journal import Journal
 from .retry import RetryPolicy
