@@ -56,6 +56,26 @@ def test_crash_while_delivering(tmp_path: Path, smtp_server: SMTPServer, point: 
     assert counts == {"queued": 0, "active": 0, "deferred": 0, "passed": N, "failed": 0}
 
 
+@pytest.mark.parametrize(("reply", "state"), [("451 4.3.0 later", "deferred"),
+                                              ("550 5.1.1 unknown", "failed"),
+                                              ("250 OK", "passed")])
+def test_crash_between_next_state_and_active(tmp_path: Path, smtp_server: SMTPServer,
+                                             reply: str, state: str) -> None:
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    Client(ws).create_work(to="a@example.com", subject="one")
+    smtp_server.handler.data_replies.append(reply)
+    assert run_cli(ws, "process", crash_at="before_unlink_active") == -9
+    assert (ws / "active").iterdir()  # both copies are on disk now
+    assert run_cli(ws, "process") == 0
+    counts = {s: len(list((ws / s).rglob("*.json")))
+              for s in ("queued", "active", "deferred", "passed", "failed")}
+    assert counts == {"queued": 0, "active": 0, "deferred": 0, "passed": 0, "failed": 0,
+                      state: 1}
+    # Sent once at most: never requeued behind the state it had already reached.
+    assert len(smtp_server.handler.messages) == (1 if state == "passed" else 0)
+
+
 ENQUEUE = (
     "import sys; from ess_async import Client; "
     "Client(sys.argv[1]).create_work(to='a@example.com', subject='crash', "

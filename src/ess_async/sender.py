@@ -258,8 +258,13 @@ class Dispatcher:
             path = self.spool.path("active", msg_id)
             try:
                 if entry is None or entry.get("op") != "accepted":
-                    self.spool.rename(msg_id, "active", "queued")
-                    counts["requeued"] += 1
+                    # A crash between writing the next state and removing active/ leaves
+                    # two copies: the next state was durable first, so it wins.
+                    if self.spool.find(msg_id, ("deferred", "failed", "passed")):
+                        path.unlink()
+                    else:
+                        self.spool.rename(msg_id, "active", "queued")
+                        counts["requeued"] += 1
                     continue
                 try:
                     record = self.spool.read(path)

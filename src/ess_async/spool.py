@@ -187,6 +187,7 @@ class Spool:
     def finish(self, state: str, record: dict[str, Any], *, src: str = "active") -> Path:
         """Write the final (or deferred) record durably, then drop the ``src`` copy."""
         path = self.write(state, record)
+        crash_point("before_unlink_active")
         self.path(src, record["id"]).unlink(missing_ok=True)
         return path
 
@@ -261,17 +262,16 @@ class Spool:
                 if name.endswith(".json"):
                     yield self.dir(state) / shard / name
 
-    def find(self, msg_id: str) -> tuple[str, Path] | None:
-        """Which state holds ``msg_id`` now, and where."""
-        for state in ("queued", "scheduled", "active", "deferred", "held", "corrupt"):
-            path = self.path(state, msg_id)
-            if os.path.lexists(path):
+    def find(self, msg_id: str, states: tuple[str, ...] = STATES) -> tuple[str, Path] | None:
+        """Which of ``states`` holds ``msg_id`` now, and where."""
+        for state in states:
+            if state in ("passed", "failed"):
+                for shard in sorted(self._names(self.dir(state)), reverse=True):
+                    path = self.dir(state) / shard / f"{msg_id}.json"
+                    if os.path.lexists(path):
+                        return state, path
+            elif os.path.lexists(path := self.path(state, msg_id)):
                 return state, path
-        for state in ("passed", "failed"):
-            for shard in sorted(self._names(self.dir(state)), reverse=True):
-                path = self.dir(state) / shard / f"{msg_id}.json"
-                if os.path.lexists(path):
-                    return state, path
         return None
 
     def counts(self) -> dict[str, int]:
