@@ -36,6 +36,10 @@ class ServerConfig:
     grace: float = 10.0  # seconds in-flight sends get to finish on stop
     max_message_size: int = 50 * 1024 * 1024  # bytes of a spool file
     delivery_log: bool = False  # append every outcome as JSON to <workspace>/delivery.log
+    keep_passed_days: float = 0.0  # retention of passed/ records; 0 = keep forever
+    keep_failed_days: float = 0.0
+    keep_passed: int = 0  # at most this many passed/ records; 0 = no limit
+    keep_failed: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ class Config:
 
 _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags"})
 _ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
-                  "max_messages_per_connection"}
+                  "max_messages_per_connection", "keep_passed_days", "keep_failed_days",
+                  "keep_passed", "keep_failed"}
 _POSITIVE = {"spawn", "grace", "timeout", "min_backoff", "max_backoff", "max_age",
              "max_message_size"}
 
@@ -191,6 +196,10 @@ spawn = 3            # concurrent senders, each with its own SMTP connection
 grace = 10           # seconds in-flight sends may finish when stopping
 # max_message_size = 52428800
 delivery_log = false # true: append each outcome as a JSON line to delivery.log
+keep_passed_days = 0 # retention: remove passed/ records older than this; 0 = keep
+keep_failed_days = 0
+keep_passed = 0      # retention: keep at most this many passed/ records; 0 = no limit
+keep_failed = 0
 
 [retry]
 min_backoff = 60     # seconds before a temporarily failed message is tried again

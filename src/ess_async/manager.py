@@ -42,6 +42,7 @@ logger = logging.getLogger("ess_async.manager")
 JOURNAL_NAME = "journal.log"
 _COMPACT_AFTER = 20_000  # journal entries
 _RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
+_PRUNE_SECONDS = 600.0  # retention runs this often while serving
 
 
 def default_workspace() -> Path:
@@ -198,6 +199,7 @@ class Manager:
                 logger.info("recovered claims from an earlier run: %s", settled)
             journal.compact(dispatcher.unsettled)
             self.spool.clean_tmp()
+            self.prune()
         except BaseException:
             self._lock.release()
             raise
@@ -298,10 +300,28 @@ class Manager:
                 await asyncio.wait_for(run.timer_wake.wait(), timeout)
 
     async def _rescan(self, run: _Run) -> None:
+        last_prune = self.clock()
         while True:
             await asyncio.sleep(_RESCAN_SECONDS)
             self._scan_queued(run)
             self._load_waiting(run, "scheduled")
+            if self.clock() - last_prune >= _PRUNE_SECONDS:
+                last_prune = self.clock()
+                await asyncio.to_thread(self.prune)
+
+    def prune(self) -> int:
+        """Apply the ``[server] keep_*`` retention to passed/ and failed/ (also run at the
+        start of every delivery run and every few minutes while serving)."""
+        server = self.config.server
+        removed = 0
+        for state, days, count in (("passed", server.keep_passed_days, server.keep_passed),
+                                   ("failed", server.keep_failed_days, server.keep_failed)):
+            if days or count:
+                removed += self.spool.prune(state, max_age=days * 86400, max_count=count,
+                                            now=self.clock())
+        if removed:
+            logger.info("retention removed %d old record(s)", removed)
+        return removed
 
     # -- senders ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ its file name (``<id>.json``, lexically sortable by creation time) in every stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -276,6 +277,30 @@ class Spool:
 
     def counts(self) -> dict[str, int]:
         return {state: self.count(state) for state in STATES}
+
+    def prune(self, state: str, *, max_age: float = 0.0, max_count: int = 0,
+              now: float | None = None) -> int:
+        """Retention for ``passed/`` or ``failed/``: remove records finished more than
+        ``max_age`` seconds ago and all but the newest ``max_count`` (0 = no limit)."""
+        now = time.time() if now is None else now
+        removed = 0
+        kept = 0
+        for shard in sorted(self._names(self.dir(state)), reverse=True):  # newest first
+            folder = self.dir(state) / shard
+            for name in sorted(self._names(folder), reverse=True):
+                path = folder / name
+                try:
+                    old = max_age and now - path.lstat().st_mtime > max_age
+                    if old or (max_count and kept >= max_count):
+                        path.unlink()
+                        removed += 1
+                    else:
+                        kept += 1
+                except FileNotFoundError:
+                    continue
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds once the shard is empty
+        return removed
 
     def clean_tmp(self, older_than: float = 600.0) -> int:
         """Remove abandoned partial writes (a concurrent writer's fresh ones are kept)."""
