@@ -6,6 +6,7 @@ contents) is produced here, at ``create_work`` time, so delivery never reads use
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import os
 import re
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email import policy
 from email.errors import NonASCIILocalPartDefect
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -39,9 +40,28 @@ _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # lone surrogates could split the header or fail to encode. In a body: NUL and surrogates.
 _HEADER_BAD = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _BODY_BAD = re.compile("[\x00\ud800-\udfff]")
-_RENDER_POLICY = policy.SMTP.clone(max_line_length=998)
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The stdlib registry builds a new class for every header it parses (a third of the
+    time spent building a message); the class for a given name never changes, so keep it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
+_HEADERS = _HeaderClasses()
+_RENDER_POLICY = policy.SMTP.clone(max_line_length=998, header_factory=_HEADERS)
 # For UTF-8 mailboxes (RFC 6531): headers stay raw UTF-8; the server must offer SMTPUTF8.
-_RENDER_POLICY_UTF8 = policy.SMTPUTF8.clone(max_line_length=998)
+_RENDER_POLICY_UTF8 = policy.SMTPUTF8.clone(max_line_length=998, header_factory=_HEADERS)
 MAX_HEADER_VALUE = 4000
 
 
@@ -69,42 +89,66 @@ def _check_text(name: str, value: object, *, header: bool) -> str:
     return value
 
 
-def _ascii_domain(name: str, domain: str) -> str:
+def _ascii_domain(domain: str) -> str:
+    """The domain in ASCII (IDNA), or ValueError."""
     if domain.startswith("[") and domain.endswith("]"):
         return domain  # address literal, e.g. [127.0.0.1]
     try:
         ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
     except UnicodeError:
-        raise MessageError(name, f"invalid domain {domain!r}") from None
+        raise ValueError(f"invalid domain {domain!r}") from None
     labels = ascii_domain.rstrip(".").split(".")
     if not all(_DOMAIN_LABEL.match(label) for label in labels):
-        raise MessageError(name, f"invalid domain {domain!r}")
+        raise ValueError(f"invalid domain {domain!r}")
     return ascii_domain
 
 
 def parse_address(name: str, value: object) -> Address:
     """Parse one mailbox (``a@b.example`` or ``Name <a@b.example>``) or raise MessageError."""
     text = _check_text(name, value, header=True).strip()
+    parsed = _parse_mailbox(text)
+    if isinstance(parsed, str):
+        raise MessageError(name, parsed)
+    return parsed
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_mailbox(text: str) -> Address | str:
+    """The mailbox in ``text``, or what is wrong with it (cached: senders and recipients
+    repeat, and the header parser is the slowest part of building a message)."""
     if not text:
-        raise MessageError(name, "empty address")
+        return "empty address"
     try:
-        parsed = policy.default.header_factory("to", text)
+        parsed: Any = _HEADERS("to", text)
         addresses = parsed.addresses
         defects = parsed.defects
     except Exception:  # the parser raises assorted errors on garbage
-        raise MessageError(name, f"malformed address {text!r}") from None
+        return f"malformed address {text!r}"
     # A UTF-8 local part is allowed (sent with SMTPUTF8); every other defect is not.
-    defects = [d for d in defects if not isinstance(d, NonASCIILocalPartDefect)]
-    if len(addresses) != 1 or defects:
-        raise MessageError(name, f"malformed address {text!r} (give one address per item)")
+    if len(addresses) != 1 or any(not isinstance(d, NonASCIILocalPartDefect)
+                                  for d in defects):
+        return f"malformed address {text!r} (give one address per item)"
     addr = addresses[0]
     if not addr.username or not addr.domain or " " in addr.addr_spec:
-        raise MessageError(name, f"malformed address {text!r}")
+        return f"malformed address {text!r}"
     if not addr.username.isascii() and (addr.username.startswith('"') or any(
             ch in addr.username for ch in " ,<>()[]\\")):
-        raise MessageError(name, f"malformed UTF-8 local part in {text!r}")
-    domain = _ascii_domain(name, addr.domain)
+        return f"malformed UTF-8 local part in {text!r}"
+    try:
+        domain = _ascii_domain(addr.domain)
+    except ValueError as exc:
+        return str(exc)
     return Address(display_name=addr.display_name, username=addr.username, domain=domain)
+
+
+def _address_header(name: str, addresses: list[Address]) -> Any:
+    return _parsed_header(name, ", ".join(str(a) for a in addresses))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_header(name: str, value: str) -> Any:
+    """A ready header object: EmailMessage stores it as is instead of parsing it again."""
+    return _HEADERS(name, value)
 
 
 def _address_list(name: str, value: object) -> list[Address]:
@@ -212,15 +256,12 @@ def build_message(attrs: Mapping[str, Any],
     utf8 = not all(a.username.isascii() for a in [sender, *to, *cc, *bcc, *reply_to])
     render = _RENDER_POLICY_UTF8 if utf8 else _RENDER_POLICY
     msg = EmailMessage(policy=render)
-    msg["From"] = sender
-    if to:
-        msg["To"] = to
-    if cc:
-        msg["Cc"] = cc
-    if reply_to:
-        msg["Reply-To"] = reply_to
+    msg["From"] = _address_header("From", [sender])
+    for header, addresses in (("To", to), ("Cc", cc), ("Reply-To", reply_to)):
+        if addresses:
+            msg[header] = _address_header(header, addresses)
     msg["Subject"] = subject
-    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Date"] = _parsed_header("Date", formatdate(localtime=False, usegmt=True))
     msg["Message-ID"] = make_msgid(domain=sender.domain)
     for key, val in headers.items():
         msg[key] = val

@@ -64,8 +64,9 @@ class MessageBusy(EssError, RuntimeError):
         self.state = state
         self.op = op
         doing = f"cannot {op} message" if op else "message"
-        super().__init__(f"{doing} {msg_id}: it is {state} (being sent); try again when "
-                         f"the attempt is over")
+        why = ("it is active (being sent); try again when the attempt is over"
+               if state == "active" else f"it is {state}; try again")
+        super().__init__(f"{doing} {msg_id}: {why}")
 
 
 class MessageStateError(EssError, ValueError):
@@ -218,7 +219,7 @@ class QueueOps:
                 text = record.pop("raw", "")
                 record["raw_size"] = len(text) if isinstance(text, str) else None
             return record
-        raise MessageBusy(msg_id, "moving", "show")
+        raise MessageBusy(msg_id, "moving between folders", "show")
 
     # -- changing one message --------------------------------------------------------
 
@@ -298,7 +299,7 @@ class QueueOps:
                         path.with_name(f"{path.name}.reason").unlink()
                 _fsync_dir(path.parent)
                 return state
-        raise MessageBusy(msg_id, "moving", "delete")
+        raise MessageBusy(msg_id, "moving between folders", "delete")
 
     # -- many messages ---------------------------------------------------------------
 
@@ -509,7 +510,7 @@ class QueueOps:
                     raise MessageStateError(msg_id, state, op,
                                             f"its file is unreadable: {exc.reason}") from None
                 return self._finish_transition(msg_id, op, state, path, staged, update)
-        raise MessageBusy(msg_id, "moving", op)
+        raise MessageBusy(msg_id, "moving between folders", op)
 
     def _finish_transition(self, msg_id: str, op: str, src: str, origin: Path, staged: Path,
                            update: Callable[[dict[str, Any], str], None]) -> Path:
