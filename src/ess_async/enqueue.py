@@ -7,6 +7,7 @@ first message's path while that message is still in the spool, across processes)
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -21,7 +22,7 @@ from .errors import MessageError
 from .message import build_message
 from .spool import PRIORITY_LETTERS, Spool, new_record
 
-__all__ = ("Enqueuer", "Prepared", "prepare")
+__all__ = ("Enqueuer", "GroupCommit", "Prepared", "prepare")
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,42 @@ class Enqueuer:
     def _remember(self, key_hash: str, msg_id: str) -> None:
         self.spool.write_file(self.keys / f"{key_hash}.json",
                               json.dumps({"id": msg_id}).encode())
+
+
+class GroupCommit:
+    """Async enqueue with group commit: concurrent ``create_work`` calls are written by one
+    thread job with one sync for all of them, and each returns once its file is durable.
+    Idempotent enqueues take the keyed path one at a time."""
+
+    def __init__(self, enqueuer: Enqueuer) -> None:
+        self.enqueuer = enqueuer
+        self._pending: list[tuple[Prepared, asyncio.Future[Path]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def commit(self, prepared: Prepared) -> Path:
+        if prepared.key_hash is not None:
+            return await asyncio.to_thread(self.enqueuer.commit, prepared)
+        future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._pending.append((prepared, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await asyncio.to_thread(
+                    self.enqueuer.spool.write_many, [(p.state, p.record) for p, _ in batch])
+            except BaseException as exc:  # a bug or a cancellation: fail them all, loudly
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                raise
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue  # its caller was cancelled
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

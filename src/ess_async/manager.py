@@ -20,10 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import aiofiles.os
-
 from .config import CONFIG_TEMPLATE, Config, load_config
-from .enqueue import Enqueuer, prepare
+from .enqueue import Enqueuer, GroupCommit, prepare
 from .errors import EssError, MessageNotFound, SpoolError
 from .journal import Journal, replay
 from .lock import WorkspaceLock
@@ -90,7 +88,7 @@ class Manager:
         self._run: _Run | None = None
         self._serve_task: asyncio.Task[WorkloadSummary] | None = None
         self.workers: list[asyncio.Task[None]] = []
-        self._commit = aiofiles.os.wrap(Enqueuer(self.spool).commit)
+        self._commit = GroupCommit(Enqueuer(self.spool)).commit
         self.last_recovery: dict[str, int] = {}
         self._waiters: dict[str, asyncio.Event] = {}
 

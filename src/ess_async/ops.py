@@ -217,7 +217,8 @@ class QueueOps:
             record["path"] = str(path)
             if not raw:
                 text = record.pop("raw", "")
-                record["raw_size"] = len(text) if isinstance(text, str) else None
+                record["raw_size"] = (len(text.encode("utf-8", "surrogateescape"))
+                                      if isinstance(text, str) else None)  # bytes
             return record
         raise MessageBusy(msg_id, "moving between folders", "show")
 
