@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import os
@@ -25,6 +26,7 @@ from .enqueue import Enqueuer, GroupCommit, prepare
 from .errors import EssError, MessageNotFound, SpoolError
 from .journal import Journal, replay
 from .lock import WorkspaceLock
+from .ops import QueueOps
 from .outcome import Outcome, message_id
 from .retry import RetryPolicy
 from .sender import Dispatcher, WorkItem, WorkloadSummary
@@ -55,9 +57,9 @@ class _Run:
         self.dispatcher = dispatcher
         self.journal = journal
         self.queue: asyncio.PriorityQueue[WorkItem] = asyncio.PriorityQueue()
-        self.pending: set[str] = set()
+        self.pending: dict[str, str] = {}  # id -> folder it was offered from
         self.timers: list[tuple[float, str, str]] = []  # (due, message id, folder)
-        self.timed: set[str] = set()  # ids in timers, so rescans do not add twins
+        self.timed: dict[str, float] = {}  # id -> due time of its live timer entry
         self.timer_wake = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.busy: set[asyncio.Task[Any]] = set()
@@ -132,6 +134,13 @@ class Manager:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(CONFIG_TEMPLATE)
         return self.config_path
+
+    @functools.cached_property
+    def queue(self) -> QueueOps:
+        """Queue operations (list, show, retry, hold, release, delete, purge). They are
+        synchronous and take a lock: from async code, call them with asyncio.to_thread."""
+        return QueueOps(self.workspace, clock=self.clock,
+                        max_size=self.config.server.max_message_size)
 
     def status(self) -> dict[str, int]:
         """How many messages are in each state (a folder count; cheap)."""
@@ -233,9 +242,10 @@ class Manager:
     # -- feeding the queue -----------------------------------------------------------
 
     def _offer(self, run: _Run, msg_id: str, source: str) -> None:
-        if msg_id in run.pending or msg_id in run.dispatcher.claimed:
+        if run.pending.get(msg_id) == source or msg_id in run.dispatcher.claimed:
             return
-        run.pending.add(msg_id)
+        # A new source (retried or released by an operator) supersedes the older item.
+        run.pending[msg_id] = source
         run.queue.put_nowait(WorkItem(priority_rank(msg_id), msg_id, source))
 
     def _offer_all(self, run: _Run, ids: list[str]) -> None:
@@ -264,17 +274,19 @@ class Manager:
             self._schedule(run, msg_id, due, state)
 
     def _schedule(self, run: _Run, msg_id: str, due: float, state: str = "deferred") -> None:
-        if msg_id in run.timed:
-            return
-        run.timed.add(msg_id)
+        if run.timed.get(msg_id) == due:
+            return  # a rescan found what is already scheduled
+        run.timed[msg_id] = due  # an older entry for this id is now stale
         heapq.heappush(run.timers, (due, msg_id, state))
         run.timer_wake.set()
 
     def _release_due(self, run: _Run) -> None:
         now = self.clock()
         while run.timers and run.timers[0][0] <= now:
-            _, msg_id, state = heapq.heappop(run.timers)
-            run.timed.discard(msg_id)
+            due, msg_id, state = heapq.heappop(run.timers)
+            if run.timed.get(msg_id) != due:
+                continue  # superseded by a later schedule
+            del run.timed[msg_id]
             self._offer(run, msg_id, state)
 
     def _finished(self, run: _Run, msg_id: str) -> None:
@@ -338,8 +350,10 @@ class Manager:
                         return
                 else:
                     item = await run.queue.get()
+                if run.pending.get(item.msg_id) != item.source:
+                    continue  # stale: offered again from another folder since
+                del run.pending[item.msg_id]
                 async with throttle:
-                    run.pending.discard(item.msg_id)
                     await self._deliver(run, item, transport)
                 if progress:
                     progress(run.dispatcher.summary)
@@ -395,10 +409,12 @@ class Manager:
                         installed.append(sig)
             watch_stop = asyncio.Event()
             helpers = [asyncio.create_task(watch_queued(
-                self.spool.dir("queued"), lambda ids: self._offer_all(run, ids), watch_stop)),
+                self.spool.dir("queued"), lambda ids: self._offer_all(run, ids), watch_stop,
+                on_ready=lambda: self._scan_queued(run))),
                 asyncio.create_task(watch_queued(
                     self.spool.dir("scheduled"),
-                    lambda ids: self._load_waiting(run, "scheduled", ids), watch_stop))]
+                    lambda ids: self._load_waiting(run, "scheduled", ids), watch_stop,
+                    on_ready=lambda: self._load_waiting(run, "scheduled")))]
             self._load_waiting(run, "deferred")
             self._load_waiting(run, "scheduled")
             self._scan_queued(run)

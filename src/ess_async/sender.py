@@ -90,7 +90,11 @@ class Dispatcher:
         """Claim ``item`` and deliver it; returns the state it ended in, or None if it was
         no longer there to claim (another event already handled it)."""
         msg_id = item.msg_id
-        if msg_id in self.claimed or not self.spool.rename(msg_id, item.source, "active"):
+        if msg_id in self.claimed:
+            return None
+        # An operator may have moved it to queued/ (retry, release) since it was offered.
+        sources = (item.source,) if item.source == "queued" else (item.source, "queued")
+        if not any(self.spool.rename(msg_id, source, "active") for source in sources):
             return None
         self.claimed[msg_id] = None
         self.journal.append({"op": "claim", "id": msg_id, "at": self.clock()})

@@ -365,8 +365,9 @@ class Spool:
                         kept += 1
                 except FileNotFoundError:
                     continue
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only succeeds once the shard is empty
+            if shard < _shard(now - 2 * 86400):  # a recent shard may be written to now
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only succeeds once the shard is empty
         return removed
 
     def clean_tmp(self, older_than: float = 600.0) -> int:

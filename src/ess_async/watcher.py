@@ -23,14 +23,21 @@ def _is_new_message(change: Change, path: str) -> bool:
 
 
 async def watch_queued(folder: Path, on_ids: Callable[[list[str]], None],
-                       stop_event: asyncio.Event) -> None:
+                       stop_event: asyncio.Event,
+                       on_ready: Callable[[], None] | None = None) -> None:
     """Call ``on_ids`` with the ids of messages that appear in ``folder`` until stopped.
 
-    Events can be missed (a watcher starting late, a kernel queue overflow), so callers
-    also scan the folder at start-up and now and then.
+    ``on_ready`` runs once the watch is in place, so a scan from there on misses nothing
+    that arrived before. Events can still be missed (a kernel queue overflow), so callers
+    also rescan now and then.
     """
     async for changes in awatch(folder, watch_filter=_is_new_message, debounce=200, step=10,
-                                stop_event=stop_event, recursive=False):
-        ids = sorted({Path(path).name[:-5] for _, path in changes})
-        logger.debug("watcher: %d new message(s)", len(ids))
-        on_ids(ids)
+                                stop_event=stop_event, recursive=False, rust_timeout=1000,
+                                yield_on_timeout=True):
+        if on_ready is not None:
+            on_ready()
+            on_ready = None
+        if changes:
+            ids = sorted({Path(path).name[:-5] for _, path in changes})
+            logger.debug("watcher: %d new message(s)", len(ids))
+            on_ids(ids)
