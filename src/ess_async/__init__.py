@@ -20,6 +20,7 @@ from .errors import (
     WorkspaceLockedError,
 )
 from .manager import Manager
+from .ops import MessageBusy, MessageInfo, MessageStateError, QueueOps
 from .outcome import Outcome
 from .sender import WorkloadSummary
 from .transports import SendResult, Transport
@@ -31,6 +32,10 @@ __all__ = (
     "DeliveryError",
     "EssError",
     "Manager",
+    "MessageBusy",
+    "MessageInfo",
+    "MessageStateError",
+    "QueueOps",
     "MessageError",
     "MessageNotFound",
     "Outcome",

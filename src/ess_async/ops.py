@@ -35,7 +35,8 @@ from typing import Any
 
 from .config import load_config
 from .errors import EssError, MessageNotFound
-from .spool import ID_PATTERN, STATES, CorruptRecord, Spool
+from .outcome import message_id
+from .spool import ID_PATTERN, STATES, CorruptRecord, Spool, fsync_dir
 
 __all__ = (
     "MessageBusy",
@@ -107,25 +108,8 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def message_id(message: str | os.PathLike[str]) -> str:
-    """The id of a message given by id, file name or spool path; ValueError otherwise."""
-    text = os.fspath(message)
-    name = Path(text).name.removesuffix(".json")
-    if not ID_PATTERN.match(name):
-        raise ValueError(f"not a message id: {text!r}")
-    return name
-
-
 def _id_time(msg_id: str) -> float:
     return int(msg_id[:20]) / 1e9
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -298,7 +282,7 @@ class QueueOps:
                 if state == "corrupt":
                     with contextlib.suppress(FileNotFoundError):
                         path.with_name(f"{path.name}.reason").unlink()
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 return state
         raise MessageBusy(msg_id, "moving between folders", "delete")
 
@@ -338,7 +322,7 @@ class QueueOps:
                     continue  # retried or deleted meanwhile
                 count += 1
             if count:
-                _fsync_dir(folder)
+                fsync_dir(folder)
                 removed += count
         return removed
 
@@ -472,7 +456,7 @@ class QueueOps:
                     if note.lstat().st_mtime < cutoff:
                         note.unlink()
         if removed:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         return removed
 
     @contextlib.contextmanager
@@ -529,7 +513,7 @@ class QueueOps:
             if dst != "held":
                 target = self.spool.path(dst, msg_id)
                 os.rename(staged, target)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
         except BaseException:
             if origin != staged:  # best effort: put it back where it was
                 with contextlib.suppress(OSError):
@@ -537,5 +521,5 @@ class QueueOps:
             raise
         if origin != staged:
             with contextlib.suppress(OSError):
-                _fsync_dir(origin.parent)
+                fsync_dir(origin.parent)
         return self.spool.path(dst, msg_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ from .spool import ID_PATTERN
 __all__ = ("Outcome", "message_id")
 
 
-def message_id(message: str | Path) -> str:
-    """The id of a message given by id, file name or path; ValueError if neither."""
-    text = str(message)
+def message_id(message: str | os.PathLike[str]) -> str:
+    """The id of a message given by id, file name or path; ValueError if neither (so no
+    path can lead outside the spool)."""
+    text = os.fspath(message)
     name = Path(text).name.removesuffix(".json")
     if not ID_PATTERN.match(name):
         raise ValueError(f"not a message id or spool path: {text!r}")

@@ -96,7 +96,8 @@ class CorruptRecord(Exception):
         super().__init__(reason)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -192,7 +193,7 @@ class Spool:
                 tmp.unlink(missing_ok=True)
                 raise
             crash_point("after_queue_rename")
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             raise SpoolError(exc.errno, f"cannot write {target}: {exc.strerror}") from None
         return target
@@ -230,7 +231,7 @@ class Spool:
                 os.replace(tmp, target)
             crash_point("after_queue_rename")
             for folder in {target.parent for _, _, target in staged}:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as exc:
             for index, tmp, target in staged:
                 # Staged or renamed, none of these was promised: take them all back.
