@@ -41,6 +41,7 @@ class RecordingHandler:
     messages: list[Received] = field(default_factory=list)
     data_replies: deque[str] = field(default_factory=deque)
     rcpt_replies: dict[str, str | list[str]] = field(default_factory=dict)
+    peers: list[tuple[str, int]] = field(default_factory=list)  # client address per DATA
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -54,6 +55,7 @@ class RecordingHandler:
 
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
+            self.peers.append(session.peer)
             reply = self.data_replies.popleft() if self.data_replies else "250 OK accepted"
             if reply.startswith("250") or reply == "DROP":
                 self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),

@@ -128,14 +128,6 @@ async def test_throttle_caps_concurrency() -> None:
 
 
 async def test_max_messages_per_connection(tmp_path: Path, smtp_server: SMTPServer) -> None:
-    peers = []
-    original = smtp_server.handler.handle_DATA
-
-    async def handle_DATA(server, session, envelope):
-        peers.append(session.peer)
-        return await original(server, session, envelope)
-
-    smtp_server.handler.handle_DATA = handle_DATA  # type: ignore[method-assign]
     config = make_config(smtp_server.port,
                          transport={"smtp": {"port": smtp_server.port,
                                              "max_messages_per_connection": 2}})
@@ -143,7 +135,7 @@ async def test_max_messages_per_connection(tmp_path: Path, smtp_server: SMTPServ
     for i in range(6):
         await manager.create_work(to="a@example.com", subject=f"m{i}")
     assert (await manager.process_workload()).passed == 6
-    assert len(set(peers)) == 3
+    assert len(set(smtp_server.handler.peers)) == 3
 
 
 async def test_delivery_log(tmp_path: Path, smtp_server: SMTPServer) -> None:
