@@ -153,3 +153,29 @@ async def test_delivery_log(tmp_path: Path, smtp_server: SMTPServer) -> None:
     assert events[1]["code"] == 550
     assert "SECRET BODY" not in log.read_text()
     assert log.stat().st_mode & 0o777 == 0o600
+
+
+async def test_restart_keeps_the_retry_schedule(tmp_path: Path,
+                                                smtp_server: SMTPServer) -> None:
+    clock = FakeClock()
+    config = make_config(smtp_server.port, retry={"min_backoff": 600, "max_backoff": 3600})
+    smtp_server.handler.data_replies.extend(["451 later", "451 later again"])
+    first = Manager(tmp_path / "ws", config=config, clock=clock)
+    await first.create_work(to="a@example.com", subject="patient")
+    assert (await first.process_workload()).deferred == 1
+    (record,) = records(tmp_path / "ws", "deferred")
+    due = record["next_attempt_at"]
+    assert clock.now + 600 <= due <= clock.now + 750  # min_backoff plus jitter
+
+    # A new process (a restart) knows the schedule from the file alone.
+    clock.advance(599)
+    second = Manager(tmp_path / "ws", config=config, clock=clock)
+    assert (await second.process_workload()).total == 0
+    clock.now = due
+    assert (await second.process_workload()).deferred == 1  # the second 451
+    (record,) = records(tmp_path / "ws", "deferred")
+    assert record["attempts"] == 2
+    assert record["next_attempt_at"] >= due + 1200  # doubled: 2 x min_backoff
+    clock.now = record["next_attempt_at"]
+    assert (await Manager(tmp_path / "ws", config=config, clock=clock)
+            .process_workload()).passed == 1
