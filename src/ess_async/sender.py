@@ -16,11 +16,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiofiles.os
 
-from .errors import DeliveryError
+from .errors import DeliveryError, SpoolError
 from .faults import crash_point
 from .journal import Journal
 from .retry import RetryPolicy
@@ -31,6 +32,8 @@ from .transports import SendResult, Transport
 __all__ = ("Dispatcher", "WorkItem", "WorkloadSummary")
 
 logger = logging.getLogger("ess_async.sender")
+
+_INLINE_BYTES = 256 * 1024  # smaller spool files are read and written on the loop itself
 
 
 @dataclass(order=True, frozen=True)
@@ -81,8 +84,9 @@ class Dispatcher:
         self.unsettled: list[dict[str, Any]] = []  # accepted, not yet finished (see recover)
         self.summary = WorkloadSummary()
         self._read = aiofiles.os.wrap(spool.read)
-        self._finish = aiofiles.os.wrap(spool.finish)
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
+        self._staged: list[tuple[Path, asyncio.Future[None]]] = []
+        self._committer: asyncio.Future[None] | None = None
 
     # -- one message -----------------------------------------------------------------
 
@@ -102,7 +106,8 @@ class Dispatcher:
         path = self.spool.path("active", msg_id)
         try:
             try:
-                record = await self._read(path)
+                small = path.lstat().st_size <= _INLINE_BYTES
+                record = self.spool.read(path) if small else await self._read(path)
                 if record["id"] != msg_id:
                     raise CorruptRecord("record id does not match its file name")
             except CorruptRecord as exc:
@@ -151,7 +156,7 @@ class Dispatcher:
         self.claimed[msg_id] = entry
         try:
             state, settled = self.settle_accepted(record, entry)
-            await self._finish(state, settled)
+            await self._settle(state, settled)
         except OSError:
             # Delivered, but not recorded (disk full?): keep the journal entry so that
             # recovery finishes it later and it is never sent again.
@@ -160,6 +165,41 @@ class Dispatcher:
         finally:
             self.claimed.pop(msg_id, None)
         return self._done(settled, state)
+
+    async def _settle(self, state: str, record: dict[str, Any]) -> None:
+        """Move a claimed message to its next state durably. Concurrent senders share one
+        thread job and one filesystem sync (a group commit)."""
+        if len(record["raw"]) > _INLINE_BYTES:
+            path = await asyncio.to_thread(self.spool.stage, state, record)
+        else:
+            path = self.spool.stage(state, record)  # a small write: cheaper than a thread
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._staged.append((path, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_staged())
+        await asyncio.shield(future)
+
+    async def _commit_staged(self) -> None:
+        while self._staged:
+            batch, self._staged = self._staged, []
+            try:
+                await asyncio.to_thread(self.spool.commit, [path for path, _ in batch])
+            except OSError as exc:
+                for _, future in batch:
+                    future.set_exception(SpoolError(exc.errno, f"cannot commit: {exc}"))
+            else:
+                for _, future in batch:
+                    future.set_result(None)
+
+    def _next_copy_is_whole(self, msg_id: str) -> bool:
+        found = self.spool.find(msg_id, ("deferred", "failed", "passed"))
+        if found is None:
+            return False
+        try:
+            return bool(self.spool.read(found[1])["id"] == msg_id)
+        except (CorruptRecord, FileNotFoundError):
+            found[1].unlink(missing_ok=True)
+            return False
 
     def settle_accepted(self, record: dict[str, Any],
                         entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -211,7 +251,7 @@ class Dispatcher:
                                            rand=self.rand())
         if due is not None:
             record.update(state="deferred", next_attempt_at=due)
-            await self._finish("deferred", record)
+            await self._settle("deferred", record)
             if self.on_deferred:
                 self.on_deferred(record["id"], due)
             return self._done(record, "deferred")
@@ -219,7 +259,7 @@ class Dispatcher:
                       result={"code": exc.code, "message": exc.message, "phase": exc.phase,
                               "reason": "permanent" if not exc.temporary else "gave up",
                               "refused": record.get("refused", {})})
-        await self._finish("failed", record)
+        await self._settle("failed", record)
         return self._done(record, "failed")
 
     def _done(self, record: dict[str, Any], state: str) -> str:
@@ -263,8 +303,9 @@ class Dispatcher:
             try:
                 if entry is None or entry.get("op") != "accepted":
                     # A crash between writing the next state and removing active/ leaves
-                    # two copies: the next state was durable first, so it wins.
-                    if self.spool.find(msg_id, ("deferred", "failed", "passed")):
+                    # two copies: the next one wins if it was made durable (it reads
+                    # back whole); if not, it is dropped and the claim is undone.
+                    if self._next_copy_is_whole(msg_id):
                         path.unlink()
                     else:
                         self.spool.rename(msg_id, "active", "queued")

@@ -209,6 +209,29 @@ class Spool:
         """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
         return self.write_file(self._target(state, record), encode_record(record))
 
+    def stage(self, state: str, record: dict[str, Any]) -> Path:
+        """Write ``record`` into its state folder atomically (tmp, rename) without waiting
+        for the disk: ``commit`` makes a batch of staged records durable at once."""
+        target = self._target(state, record)
+        tmp = self._write_tmp(target.stem, encode_record(record), sync=False)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
+
+    def commit(self, staged: list[Path], *, src: str = "active") -> None:
+        """Make ``staged`` records durable (one filesystem sync for all), then remove the
+        copies of those messages left in ``src``. Until then a crash finds both copies,
+        and recovery keeps the staged one only if it reads back whole."""
+        _sync_data(self.tmp, staged)
+        for folder in {path.parent for path in staged}:
+            fsync_dir(folder)
+        crash_point("before_unlink_active")
+        for path in staged:
+            self.path(src, path.stem).unlink(missing_ok=True)
+
     def write_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[Path | SpoolError]:
         """``write`` for a batch (a group commit): one filesystem sync for all the data and
         one fsync per folder instead of two fsyncs per file. Each item gets its path, or
