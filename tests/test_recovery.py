@@ -92,3 +92,18 @@ async def test_hostile_spool_is_quarantined(tmp_path: Path, smtp_server: SMTPSer
     assert any("max_message_size" in r for r in reasons)
     assert any("cannot open" in r for r in reasons)  # the symlink was never followed
     assert Path("/etc/passwd").exists()
+
+
+async def test_unsynced_next_state_copy_is_dropped(tmp_path: Path,
+                                                   smtp_server: SMTPServer) -> None:
+    """A crash before the group sync can leave a torn copy in the next state beside the
+    claimed one: recovery drops the torn copy and requeues the claim."""
+    ws = tmp_path / "ws"
+    config = make_config(smtp_server.port)
+    path = Client(ws, config=config).create_work(to="a@example.com", subject="torn")
+    claim_by_hand(ws, path)
+    (ws / "deferred" / path.name).write_bytes(b"")  # never reached the disk whole
+    manager = Manager(ws, config=config)
+    assert (await manager.process_workload()).passed == 1
+    assert smtp_server.handler.subjects() == ["torn"]
+    assert not (ws / "deferred" / path.name).exists()
