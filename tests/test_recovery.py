@@ -107,3 +107,18 @@ async def test_unsynced_next_state_copy_is_dropped(tmp_path: Path,
     assert (await manager.process_workload()).passed == 1
     assert smtp_server.handler.subjects() == ["torn"]
     assert not (ws / "deferred" / path.name).exists()
+
+
+async def test_spool_record_cannot_inject_smtp_commands(tmp_path: Path,
+                                                        smtp_server: SMTPServer) -> None:
+    ws = tmp_path / "ws"
+    config = make_config(smtp_server.port)
+    path = Client(ws, config=config).create_work(to="a@example.com", subject="tampered")
+    record = json.loads(path.read_text())
+    record["recipients"] = ["a@example.com>\r\nRCPT TO:<evil@example.com"]
+    path.write_text(json.dumps(record))
+    summary = await Manager(ws, config=config).process_workload()
+    assert summary.corrupt == 1
+    assert smtp_server.handler.messages == []
+    reason = next((ws / "corrupt").glob("*.reason")).read_text()
+    assert "recipients" in reason

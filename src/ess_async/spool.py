@@ -150,6 +150,9 @@ class Spool:
         self.workspace = workspace
         self.max_size = max_size
         self.tmp = workspace / "tmp"
+        # Plain strings for the hot paths: building Path objects costs more than the I/O.
+        self._dirs = {state: str(workspace / state) for state in (*STATES, "tmp")}
+        self._shards: set[str] = set()
 
     def dir(self, state: str) -> Path:
         return self.workspace / state
@@ -167,7 +170,7 @@ class Spool:
     # -- writing ---------------------------------------------------------------------
 
     def _write_tmp(self, name: str, data: bytes, *, sync: bool = True) -> Path:
-        tmp = self.tmp / f"{name}.{secrets.token_hex(4)}.tmp"
+        tmp = Path(f"{self._dirs['tmp']}/{name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             view = memoryview(data)
@@ -199,11 +202,13 @@ class Spool:
         return target
 
     def _target(self, state: str, record: dict[str, Any]) -> Path:
-        folder = self.dir(state)
-        if state in ("passed", "failed"):
-            folder = folder / _shard(record.get("finished_at") or time.time())
-            folder.mkdir(mode=0o700, exist_ok=True)
-        return folder / f"{record['id']}.json"
+        if state not in ("passed", "failed"):
+            return Path(f"{self._dirs[state]}/{record['id']}.json")
+        folder = f"{self._dirs[state]}/{_shard(record.get('finished_at') or time.time())}"
+        if folder not in self._shards:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            self._shards.add(folder)  # checked once per day and process, not per message
+        return Path(f"{folder}/{record['id']}.json")
 
     def write(self, state: str, record: dict[str, Any]) -> Path:
         """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
@@ -271,7 +276,7 @@ class Spool:
     def rename(self, msg_id: str, src: str, dst: str) -> bool:
         """Move a message between flat state folders; False if it is no longer in ``src``."""
         try:
-            os.rename(self.path(src, msg_id), self.path(dst, msg_id))
+            os.rename(f"{self._dirs[src]}/{msg_id}.json", f"{self._dirs[dst]}/{msg_id}.json")
         except FileNotFoundError:
             return False
         return True
@@ -392,6 +397,7 @@ class Spool:
             if shard < _shard(now - 2 * 86400):  # a recent shard may be written to now
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only succeeds once the shard is empty
+                    self._shards.discard(str(folder))
         return removed
 
     def clean_tmp(self, older_than: float = 600.0) -> int:
@@ -409,6 +415,7 @@ class Spool:
         return removed
 
 
+_SAFE_ADDRESS = re.compile(r"^[^\s<>\x00-\x1f\x7f]+@[^\s<>\x00-\x1f\x7f@]+$")
 _REQUIRED = {"id": str, "mail_from": str, "recipients": list, "raw": str, "attempts": int,
              "created_at": (int, float)}
 
@@ -425,8 +432,12 @@ def decode_record(data: bytes) -> dict[str, Any]:
     for key, kind in _REQUIRED.items():
         if not isinstance(record.get(key), kind):  # type: ignore[arg-type]
             raise CorruptRecord(f"missing or malformed key {key!r}")
-    if not record["recipients"] or not all(isinstance(r, str) for r in record["recipients"]):
+    # Addresses go into SMTP commands as they are: nothing that could end or add a command.
+    if not record["recipients"] or not all(
+            isinstance(r, str) and _SAFE_ADDRESS.match(r) for r in record["recipients"]):
         raise CorruptRecord("malformed key 'recipients'")
+    if not _SAFE_ADDRESS.match(record["mail_from"]):
+        raise CorruptRecord("malformed key 'mail_from'")
     if not ID_PATTERN.match(record["id"]):
         raise CorruptRecord("malformed key 'id'")
     return record

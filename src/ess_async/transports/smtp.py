@@ -129,15 +129,21 @@ class SMTPTransport(Transport):
                         "UTF-8 addresses need", phase="MAIL")
                 options += ["SMTPUTF8", "BODY=8BITMIME"]
                 encoding = "utf-8"
-            await smtp.mail(mail_from, options=options, encoding=encoding)
+            # Addresses were validated when queued and again when read from the spool
+            # (no CR, LF, < or >), so the commands are sent as they are.
+            reply = await smtp.execute_command(
+                b"MAIL", b"FROM:<" + mail_from.encode(encoding) + b">",
+                *(option.encode("ascii") for option in options))
+            if reply.code != 250:
+                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
             crash_point("after_mail_from")
             phase = "RCPT"
             refused: dict[str, tuple[int, str]] = {}
             for rcpt in recipients:
-                try:
-                    await smtp.rcpt(rcpt, encoding=encoding)
-                except aiosmtplib.SMTPRecipientRefused as exc:
-                    refused[rcpt] = (exc.code, exc.message)
+                reply = await smtp.execute_command(
+                    b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+                if reply.code not in (250, 251):
+                    refused[rcpt] = (reply.code, reply.message)
             if len(refused) == len(recipients):
                 await smtp.rset()
                 response = None
