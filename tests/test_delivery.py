@@ -230,3 +230,16 @@ async def test_maildir_transport(tmp_path: Path) -> None:
     assert (await manager.process_workload()).passed == 1
     (stored,) = list((tmp_path / "ws" / "maildir" / "new").iterdir())
     assert b"Subject: to a folder" in stored.read_bytes()
+
+
+async def test_stop_waits_for_a_delegate_running_elsewhere(tmp_path: Path,
+                                                           smtp_server: SMTPServer) -> None:
+    manager = Manager(tmp_path / "ws", config=make_config(smtp_server.port))
+    task = asyncio.create_task(manager.delegate_workload(handle_signals=False))
+    await manager.create_work(to="a@example.com", subject="x")
+    await asyncio.to_thread(smtp_server.handler.wait_for, 1)
+    await manager.stop()
+    assert task.done()  # stop() returned only once the run had ended and unlocked
+    assert (await task).passed == 1
+    async with Manager(tmp_path / "ws", config=make_config(smtp_server.port)):
+        pass  # the lock is free again

@@ -64,6 +64,7 @@ class _Run:
         self.stop_event = asyncio.Event()
         self.busy: set[asyncio.Task[Any]] = set()
         self.live = False  # True while delegate_workload serves (new work is offered)
+        self.closed = asyncio.Event()  # set once the run has settled and released the lock
 
 
 class Manager:
@@ -218,7 +219,7 @@ class Manager:
 
     async def _close_run(self, run: _Run) -> None:
         try:
-            await asyncio.gather(*run.dispatcher.finishing, return_exceptions=True)
+            await run.dispatcher.drain()
             # Whatever is still claimed (a send cut off at the deadline) goes back to
             # queued/, or to passed/ if the journal shows the server accepted it.
             run.dispatcher.recover(replay(run.journal.path))
@@ -230,6 +231,7 @@ class Manager:
             self._run = None
             self.workers = []
             self._lock.release()
+            run.closed.set()
 
     async def cleanup(self) -> dict[str, int]:
         """Requeue claimed-but-unfinished messages (refused while a deliverer runs)."""
@@ -460,6 +462,8 @@ class Manager:
         task, self._serve_task = self._serve_task, None
         if task is not None:
             await task
+        elif run is not None:
+            await run.closed.wait()  # delegate_workload or process_workload in another task
 
     # -- embedding -------------------------------------------------------------------
 

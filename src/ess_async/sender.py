@@ -286,6 +286,12 @@ class Dispatcher:
             self.on_finished(record["id"], state)
         return state
 
+    async def drain(self) -> None:
+        """Wait for records still being written (accepted messages, the group commit)."""
+        await asyncio.gather(*self.finishing, return_exceptions=True)
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
+
     # -- recovery --------------------------------------------------------------------
 
     def recover(self, entries: dict[str, dict[str, Any]]) -> dict[str, int]:
