@@ -123,3 +123,9 @@ def test_cli_callable_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().out.strip() == __version__
     assert cli("testmail", "-n", "0", "--to", "a@example.com", "--workspace",
                str(tmp_path)) == 2
+
+
+def test_bad_log_level_is_a_usage_error() -> None:
+    result = run("--log-level", "loud", "version")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr and "Traceback" not in result.stderr

@@ -42,7 +42,8 @@ def _add_workspace(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ess-async",
                                      description="A durable asyncio email outbox.")
-    parser.add_argument("--log-level", default=os.environ.get("ESS_LOG_LEVEL", "INFO"),
+    parser.add_argument("--log-level", default=os.environ.get("ESS_LOG_LEVEL"), type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                         help="logging level (default INFO, or $ESS_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -335,7 +336,9 @@ def cli(*argv: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parseargs(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    # The demo prints its own summary; everything else logs each event at INFO.
+    level = args.log_level or ("WARNING" if args.command == "demo" else "INFO")
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "version":
