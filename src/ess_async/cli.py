@@ -34,6 +34,9 @@ __all__ = ("cli", "main")
 logger = logging.getLogger("ess_async.cli")
 
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _add_workspace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", "-w", type=Path, default=None,
                    help="spool folder (default: $ESS_DATA, else ./ess_data)")
@@ -43,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ess-async",
                                      description="A durable asyncio email outbox.")
     parser.add_argument("--log-level", default=os.environ.get("ESS_LOG_LEVEL"), type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                        choices=_LEVELS,
                         help="logging level (default INFO, or $ESS_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -338,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parseargs(argv)
     # The demo prints its own summary; everything else logs each event at INFO.
     level = args.log_level or ("WARNING" if args.command == "demo" else "INFO")
+    if level not in _LEVELS:  # from $ESS_LOG_LEVEL, which argparse does not check
+        print(f"ess-async: error: ESS_LOG_LEVEL: unknown level {level!r}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
