@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__
 from .client import Client
 from .config import parse_config
-from .errors import EssError
+from .errors import EssError, MessageError
 from .lock import lock_holder
 from .manager import Manager, default_workspace
 from .ops import PURGEABLE, MessageInfo, QueueOps, parse_duration
@@ -117,15 +117,13 @@ def _cmd_email(args: argparse.Namespace) -> int:
         "from_": args.from_, "reply_to": args.reply_to, "subject": args.subject,
         "tags": args.tags or None, "attachments": [str(a) for a in args.attach] or None,
     }
-    try:
-        if args.body_file is not None:
-            attrs["body"] = _read_text(args.body_file)
-        else:
-            attrs["body"] = args.body
-        if args.html_file is not None:
-            attrs["html"] = _read_text(args.html_file)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EssError(f"cannot read body: {exc}") from None
+    attrs["body"] = args.body
+    for field, path in (("body", args.body_file), ("html", args.html_file)):
+        if path is not None:
+            try:
+                attrs[field] = _read_text(path)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise MessageError(field, f"cannot read {str(path)!r}: {exc}") from None
     print(Client(_workspace(args)).create_work(**attrs))
     return 0
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import CONFIG_TEMPLATE, Config, load_config
 from .enqueue import Enqueuer, GroupCommit, prepare
-from .errors import EssError, MessageNotFound, SpoolError
+from .errors import EssError, MessageNotFound
 from .journal import Journal, replay
 from .lock import WorkspaceLock
 from .ops import QueueOps
@@ -369,10 +369,16 @@ class Manager:
         run.busy.add(task)
         try:
             await run.dispatcher.deliver(item, transport)
-        except (SpoolError, OSError) as exc:
-            # The message stays claimed in active/ and is settled when the run ends.
+        except OSError as exc:  # SpoolError included: a full disk, say
             logger.error("spool error on message %s: %s", item.msg_id, exc)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # no hot loop while the disk is in trouble
+            # Settle the claim now rather than at the end of the run: back to queued/ if
+            # nothing was sent; an accepted one keeps its journal entry (never resent).
+            accepted = next((e for e in run.dispatcher.unsettled
+                             if e["id"] == item.msg_id), None)
+            if os.path.lexists(self.spool.path("active", item.msg_id)) and \
+                    run.dispatcher.settle_claim(item.msg_id, accepted) == "requeued":
+                self._offer(run, item.msg_id, "queued")
         finally:
             run.busy.discard(task)
 

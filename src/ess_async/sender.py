@@ -191,6 +191,36 @@ class Dispatcher:
                 for _, future in batch:
                     future.set_result(None)
 
+    def settle_claim(self, msg_id: str, entry: dict[str, Any] | None) -> str:
+        """Settle one message left in ``active/``; ``entry`` is its last journal entry.
+        Returns requeued, passed (or its next state), corrupt, or unsettled."""
+        path = self.spool.path("active", msg_id)
+        try:
+            if entry is None or entry.get("op") != "accepted":
+                # A crash between writing the next state and removing active/ leaves two
+                # copies: the next one wins if it was made durable (it reads back
+                # whole); if not, it is dropped and the claim is undone.
+                if self._next_copy_is_whole(msg_id):
+                    path.unlink()
+                    return "settled"
+                self.spool.rename(msg_id, "active", "queued")
+                return "requeued"
+            try:
+                record = self.spool.read(path)
+            except CorruptRecord as exc:
+                self.spool.quarantine(path, exc.reason)
+                return "corrupt"
+            record["attempts"] = record.get("attempts", 0) + 1
+            state, settled = self.settle_accepted(record, entry)
+            self.spool.finish(state, settled)
+            return "passed"
+        except OSError as exc:  # SpoolError included
+            logger.error("cannot settle message %s now: %s", msg_id, exc)
+            if entry is not None and entry.get("op") == "accepted" and \
+                    entry not in self.unsettled:
+                self.unsettled.append(entry)
+            return "unsettled"
+
     def _next_copy_is_whole(self, msg_id: str) -> bool:
         found = self.spool.find(msg_id, ("deferred", "failed", "passed"))
         if found is None:
@@ -304,34 +334,8 @@ class Dispatcher:
         counts = {"requeued": 0, "passed": 0, "corrupt": 0, "unsettled": 0}
         self.unsettled = []
         for msg_id in self.spool.ids("active"):
-            entry = entries.get(msg_id)
-            path = self.spool.path("active", msg_id)
-            try:
-                if entry is None or entry.get("op") != "accepted":
-                    # A crash between writing the next state and removing active/ leaves
-                    # two copies: the next one wins if it was made durable (it reads
-                    # back whole); if not, it is dropped and the claim is undone.
-                    if self._next_copy_is_whole(msg_id):
-                        path.unlink()
-                    else:
-                        self.spool.rename(msg_id, "active", "queued")
-                        counts["requeued"] += 1
-                    continue
-                try:
-                    record = self.spool.read(path)
-                except CorruptRecord as exc:
-                    self.spool.quarantine(path, exc.reason)
-                    counts["corrupt"] += 1
-                    continue
-                record["attempts"] = record.get("attempts", 0) + 1
-                state, settled = self.settle_accepted(record, entry)
-                self.spool.finish(state, settled)
-                counts["passed"] += 1
-            except OSError as exc:  # SpoolError included
-                logger.error("cannot settle message %s now: %s", msg_id, exc)
-                counts["unsettled"] += 1
-                if entry is not None and entry.get("op") == "accepted":
-                    self.unsettled.append(entry)
+            outcome = self.settle_claim(msg_id, entries.get(msg_id))
+            counts[outcome] = counts.get(outcome, 0) + 1
         for stray in self.spool.strays("active"):
             self.spool.quarantine(stray, "unexpected file in active/")
             counts["corrupt"] += 1
