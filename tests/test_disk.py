@@ -70,3 +70,20 @@ def test_passed_record_unwritable_is_not_resent(tmp_path: Path,
     assert smtp_server.handler.subjects() == ["once"]
     (passed,) = list((ws / "passed").rglob("*.json"))
     assert json.loads(passed.read_text())["result"]["code"] == 250
+
+
+def test_unwritable_deferral_puts_the_message_back(tmp_path: Path,
+                                                   smtp_server: SMTPServer) -> None:
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    path = Client(ws).create_work(to="a@example.com", subject="later")
+    smtp_server.handler.data_replies.append("451 4.3.0 try later")
+    # Room for the journal, not for the deferred record (it adds the error).
+    limit = path.stat().st_size + 10
+    proc = subprocess.run([sys.executable, "-c", PROCESS, str(ws), str(limit)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "File too large" in proc.stderr
+    assert [p.name for p in (ws / "queued").iterdir()] == [path.name]  # back, not lost
+    assert list((ws / "active").iterdir()) == []
+    assert list((ws / "deferred").iterdir()) == []

@@ -377,8 +377,9 @@ class Manager:
             accepted = next((e for e in run.dispatcher.unsettled
                              if e["id"] == item.msg_id), None)
             if os.path.lexists(self.spool.path("active", item.msg_id)) and \
-                    run.dispatcher.settle_claim(item.msg_id, accepted) == "requeued":
-                self._offer(run, item.msg_id, "queued")
+                    run.dispatcher.settle_claim(item.msg_id, accepted) == "requeued" and \
+                    run.live:
+                self._offer(run, item.msg_id, "queued")  # process_workload leaves it queued
         finally:
             run.busy.discard(task)
 
