@@ -1,4 +1,5 @@
-"""Every CLI command through a real subprocess; bad input is one line and queues nothing."""
+"""The demo on a machine with no mail server, and ``cli()`` called in-process.
+(Every other command is covered through subprocesses in test_cli.py.)"""
 
 from __future__ import annotations
 
@@ -18,11 +19,6 @@ def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
     return subprocess.run([sys.executable, "-m", "ess_async", *args], capture_output=True,
                           text=True, input=stdin, timeout=120,
                           env={**os.environ, **(env or {})})
-
-
-def queued(ws: Path) -> list[Path]:
-    folder = ws / "queued"
-    return sorted(folder.iterdir()) if folder.exists() else []
 
 
 def test_demo_needs_no_mail_server() -> None:

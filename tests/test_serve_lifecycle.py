@@ -89,3 +89,24 @@ def test_serve_delivers_a_1000_message_backlog(tmp_path: Path,
     assert Counter(smtp_server.handler.subjects()) == Counter(f"m{i}" for i in range(1000))
     counts = status(ws)
     assert counts["total"] == counts["passed"] == 1000
+
+
+def test_stop_ends_a_process_run_gracefully(tmp_path: Path, smtp_server: SMTPServer) -> None:
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port, extra="max_per_second = 50\n")
+    queue(ws, 300)
+    with open(tmp_path / "process.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ess_async", "process", "--workspace",
+                                 str(ws)], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_until(lambda: len(smtp_server.handler.messages) >= 20, what="deliveries")
+        stopped = cli(ws, "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert proc.wait(30) == 0  # not killed: it finished its in-flight sends
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    counts = status(ws)
+    assert counts["active"] == 0
+    assert counts["queued"] + counts["passed"] == 300
+    assert counts["passed"] == len(smtp_server.handler.messages) < 300

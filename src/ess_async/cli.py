@@ -200,10 +200,18 @@ def _print_summary(summary: WorkloadSummary) -> None:
 async def _process(args: argparse.Namespace) -> int:
     manager = Manager(_workspace(args), spawn=args.spawn)
     progress = _Progress(manager.spool.count("queued"))
+    # SIGTERM/SIGINT (and so `stop`) end the pass gracefully: in-flight sends finish.
+    loop = asyncio.get_running_loop()
+    stopping: set[asyncio.Task[None]] = set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.add(asyncio.ensure_future(
+            manager.stop())))
     try:
         summary = await manager.process_workload(progress=progress)
     finally:
         progress.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
     _print_summary(summary)
     return 0
 
