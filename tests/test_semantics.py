@@ -7,7 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from ess_async import Manager
+from ess_async import Manager, SendResult, TemporaryDeliveryError, Transport
 from ess_async.throttle import Throttle
 
 from .conftest import FakeClock, SMTPServer, make_config
@@ -179,3 +179,46 @@ async def test_restart_keeps_the_retry_schedule(tmp_path: Path,
     clock.now = record["next_attempt_at"]
     assert (await Manager(tmp_path / "ws", config=config, clock=clock)
             .process_workload()).passed == 1
+
+
+class CountingTransport(Transport):
+    """A test transport: answers from a script and counts open connections."""
+
+    def __init__(self, script: list[str], stats: dict[str, int]) -> None:
+        self.script = script
+        self.stats = stats
+        self.connected = False
+
+    async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
+                   smtputf8: bool = False) -> SendResult:
+        if not self.connected:
+            self.connected = True
+            self.stats["open"] += 1
+            self.stats["peak"] = max(self.stats["peak"], self.stats["open"])
+        await asyncio.sleep(0.005)
+        if self.script and self.script.pop(0) == "421":
+            raise TemporaryDeliveryError("too many connections", code=421, pushback=True)
+        return SendResult(250, "OK")
+
+    async def close(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.stats["open"] -= 1
+            self.stats["closes"] += 1
+
+
+async def test_push_back_closes_waiting_connections(tmp_path: Path) -> None:
+    stats = {"open": 0, "peak": 0, "closes": 0}
+    script = ["250"] * 8 + ["421"] + ["250"] * 100
+    config = make_config(25, server={"spawn": 8})
+    manager = Manager(tmp_path / "ws", spawn=8, config=config,
+                      transport_factory=lambda: CountingTransport(script, stats))
+    async with manager:
+        paths = [await manager.create_work(to="a@example.com", subject=f"m{i}")
+                 for i in range(60)]
+        for path in paths:
+            await manager.wait(path, timeout=30)
+        closed_while_serving = stats["closes"]
+    # Concurrency was halved to 4: senders over the limit hung up instead of idling.
+    assert closed_while_serving >= 4
+    assert stats["open"] == 0

@@ -355,6 +355,10 @@ class Manager:
                 if run.pending.get(item.msg_id) != item.source:
                     continue  # stale: offered again from another folder since
                 del run.pending[item.msg_id]
+                if throttle.paused or throttle.active >= throttle.limit:
+                    # The server pushed back (or the cap is reached): a sender that must
+                    # wait gives up its connection, so fewer stay open meanwhile.
+                    await transport.close()
                 async with throttle:
                     await self._deliver(run, item, transport)
                 if progress:
