@@ -40,6 +40,7 @@ class ServerConfig:
     keep_failed_days: float = 0.0
     keep_passed: int = 0  # at most this many passed/ records; 0 = no limit
     keep_failed: int = 0
+    journal_compact_after: int = 20_000  # journal entries before it is rewritten
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "
 _ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
                   "max_messages_per_connection", "keep_passed_days", "keep_failed_days",
                   "keep_passed", "keep_failed"}
-_POSITIVE = {"spawn", "grace", "timeout", "min_backoff", "max_backoff", "max_age",
-             "max_message_size"}
+_POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
+             "max_backoff", "max_age", "max_message_size"}
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -200,6 +201,7 @@ keep_passed_days = 0 # retention: remove passed/ records older than this; 0 = ke
 keep_failed_days = 0
 keep_passed = 0      # retention: keep at most this many passed/ records; 0 = no limit
 keep_failed = 0
+# journal_compact_after = 20000   # claims journal entries before it is rewritten
 
 [retry]
 min_backoff = 60     # seconds before a temporarily failed message is tried again

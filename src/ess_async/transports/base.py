@@ -26,7 +26,14 @@ class Transport(ABC):
 
     ``send`` returns a SendResult when the message was accepted, and raises
     TemporaryDeliveryError (try later) or PermanentDeliveryError (give up) otherwise.
+
+    ``outcome_pending`` is True from the moment the whole message may have reached the
+    receiver (the end of DATA was written) until its reply has been read: a send that is
+    cancelled or fails while it is True may have been delivered (outcome unknown), one
+    that ends while it is False was certainly not.
     """
+
+    outcome_pending: bool = False
 
     @abstractmethod
     async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
