@@ -8,10 +8,7 @@ first message's path while that message is still in the spool, across processes)
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MessageError
+from .faults import crash_point
 from .message import build_message
 from .spool import PRIORITY_LETTERS, Spool, new_record
 
@@ -67,40 +65,25 @@ def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float
 
 
 class Enqueuer:
-    """Writes prepared records; serializes idempotent ones on ``keys/.lock`` (an flock
-    that only enqueuers take, never the deliverer)."""
+    """Writes prepared records. An idempotent one is written under ``keys/.lock`` (an flock
+    that only enqueuers take, and retention briefly): its key file first, pointing at the
+    new id, then the message. A key whose id is not in the spool is free, so a crash
+    between the two writes leaves a free key and a retry makes exactly one message."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self.keys = spool.workspace / "keys"
 
     def commit(self, prepared: Prepared) -> Path:
         if prepared.key_hash is None:
             return self.spool.write(prepared.state, prepared.record)
-        self.keys.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.keys / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            existing = self._lookup(prepared.key_hash)
+        keys = self.spool.keys
+        with keys.locked():
+            existing = keys.lookup(prepared.key_hash)
             if existing is not None:
                 return existing
-            path = self.spool.write(prepared.state, prepared.record)
-            self._remember(prepared.key_hash, prepared.record["id"])
-            return path
-        finally:
-            os.close(fd)  # releases the flock
-
-    def _lookup(self, key_hash: str) -> Path | None:
-        try:
-            msg_id = json.loads((self.keys / f"{key_hash}.json").read_bytes())["id"]
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
-        found = self.spool.find(str(msg_id))
-        return found[1] if found else None  # purged: the key is free again
-
-    def _remember(self, key_hash: str, msg_id: str) -> None:
-        self.spool.write_file(self.keys / f"{key_hash}.json",
-                              json.dumps({"id": msg_id}).encode())
+            keys.bind(prepared.key_hash, prepared.record["id"])
+            crash_point("between_key_and_message")
+            return self.spool.write(prepared.state, prepared.record)
 
 
 class GroupCommit:

@@ -4,7 +4,7 @@ the n-th time (default 1st) execution passes ``crash_point(point)``.
 Read once at import; unset (always, outside tests) every crash point is a no-op. Points:
 after_tmp_write, after_queue_rename, after_claim, after_mail_from, during_data,
 after_250, after_journal, before_unlink_active (the next state written, active/ not yet
-removed).
+removed), between_key_and_message (an idempotency key written, its message not yet).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ("CRASH_POINTS", "crash_point")
 
 CRASH_POINTS = frozenset({"after_tmp_write", "after_queue_rename", "after_claim",
                           "after_mail_from", "during_data", "after_250", "after_journal",
-                          "before_unlink_active"})
+                          "before_unlink_active", "between_key_and_message"})
 
 
 def _default_crash_at() -> tuple[str, int] | None:

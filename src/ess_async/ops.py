@@ -144,6 +144,7 @@ def _names(folder: Path) -> list[str]:
 
 
 _Infos = list[MessageInfo]
+_Ids = list[str]
 
 
 class QueueOps:
@@ -267,8 +268,8 @@ class QueueOps:
                                 "only held messages can be released")
 
     def delete(self, message: str | os.PathLike[str]) -> str:
-        """Remove a message from the spool, whatever its state but ``active``; returns the
-        state it was in."""
+        """Remove a message from the spool, whatever its state but ``active``, and its
+        idempotency key; returns the state it was in."""
         msg_id = message_id(message)
         with self._locked(msg_id):
             for _ in range(_TRIES):
@@ -283,6 +284,7 @@ class QueueOps:
                     with contextlib.suppress(FileNotFoundError):
                         path.with_name(f"{path.name}.reason").unlink()
                 fsync_dir(path.parent)
+                self.spool.keys.forget([msg_id])  # its idempotency key is free again
                 return state
         raise MessageBusy(msg_id, "moving between folders", "delete")
 
@@ -290,14 +292,21 @@ class QueueOps:
 
     def purge(self, state: str, older_than: float) -> int:
         """Delete passed, failed or corrupt messages finished (quarantined) more than
-        ``older_than`` seconds ago; returns how many."""
+        ``older_than`` seconds ago, and their idempotency keys; returns how many."""
         if state not in PURGEABLE:
             raise ValueError(f"can only purge {', '.join(PURGEABLE)}, not {state!r}")
         if _number(older_than) is None or older_than < 0:
             raise ValueError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
         cutoff = self.clock() - older_than
-        if state == "corrupt":
-            return self._purge_corrupt(cutoff)
+        gone: _Ids = []
+        try:
+            if state == "corrupt":
+                return self._purge_corrupt(cutoff, gone)
+            return self._purge_final(state, cutoff, gone)
+        finally:
+            self.spool.keys.forget(gone)
+
+    def _purge_final(self, state: str, cutoff: float, gone: _Ids) -> int:
         removed = 0
         top = self.spool.dir(state)
         for shard in _names(top):
@@ -320,6 +329,7 @@ class QueueOps:
                     _remove(path)
                 except FileNotFoundError:
                     continue  # retried or deleted meanwhile
+                gone.append(name[:-5])
                 count += 1
             if count:
                 fsync_dir(folder)
@@ -429,7 +439,7 @@ class QueueOps:
             when = None
         return when if when is not None else path.lstat().st_mtime
 
-    def _purge_corrupt(self, cutoff: float) -> int:
+    def _purge_corrupt(self, cutoff: float, gone: _Ids) -> int:
         folder = self.spool.dir("corrupt")
         removed = 0
         names = _names(folder)
@@ -448,6 +458,8 @@ class QueueOps:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 path.with_name(f"{name}.reason").unlink()
+            if name.endswith(".json") and ID_PATTERN.match(name[:-5]):
+                gone.append(name[:-5])
             removed += 1
         for name in names:  # notes whose file is gone
             if name.endswith(".reason") and name[:-7] not in names:

@@ -20,11 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpoolError
 from .faults import crash_point
 from .message import MessageSpec
+
+if TYPE_CHECKING:
+    from .keys import KeyStore
 
 __all__ = (
     "ACTIVE_STATES",
@@ -153,6 +156,16 @@ class Spool:
         # Plain strings for the hot paths: building Path objects costs more than the I/O.
         self._dirs = {state: str(workspace / state) for state in (*STATES, "tmp")}
         self._shards: set[str] = set()
+        self._keys: KeyStore | None = None
+
+    @property
+    def keys(self) -> KeyStore:
+        """The workspace's idempotency keys (``keys/``)."""
+        if self._keys is None:
+            from .keys import KeyStore  # keys builds on this module
+
+            self._keys = KeyStore(self)
+        return self._keys
 
     def dir(self, state: str) -> Path:
         return self.workspace / state
@@ -377,10 +390,12 @@ class Spool:
     def prune(self, state: str, *, max_age: float = 0.0, max_count: int = 0,
               now: float | None = None) -> int:
         """Retention for ``passed/`` or ``failed/``: remove records finished more than
-        ``max_age`` seconds ago and all but the newest ``max_count`` (0 = no limit)."""
+        ``max_age`` seconds ago and all but the newest ``max_count`` (0 = no limit).
+        The idempotency keys of the removed messages are removed too (they are free)."""
         now = time.time() if now is None else now
         removed = 0
         kept = 0
+        gone: list[str] = []
         for shard in sorted(self._names(self.dir(state)), reverse=True):  # newest first
             folder = self.dir(state) / shard
             for name in sorted(self._names(folder), reverse=True):
@@ -390,6 +405,7 @@ class Spool:
                     if old or (max_count and kept >= max_count):
                         path.unlink()
                         removed += 1
+                        gone.append(name[:-5])
                     else:
                         kept += 1
                 except FileNotFoundError:
@@ -398,6 +414,7 @@ class Spool:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only succeeds once the shard is empty
                     self._shards.discard(str(folder))
+        self.keys.forget(n for n in gone if ID_PATTERN.match(n))
         return removed
 
     def clean_tmp(self, older_than: float = 600.0) -> int:
