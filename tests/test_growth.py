@@ -7,9 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
-import ess_async.manager
 from ess_async import Client, Manager
 
 from .conftest import SMTPServer, make_config
@@ -38,11 +35,11 @@ async def test_retention_by_age_and_count(tmp_path: Path, smtp_server: SMTPServe
     assert by_count.status()["passed"] == 3
 
 
-async def test_journal_is_compacted_while_serving(tmp_path: Path, smtp_server: SMTPServer,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ess_async.manager, "_COMPACT_AFTER", 10)
+async def test_journal_is_compacted_while_serving(tmp_path: Path,
+                                                  smtp_server: SMTPServer) -> None:
     journal = tmp_path / "ws" / "journal.log"
-    async with Manager(tmp_path / "ws", spawn=1, config=make_config(smtp_server.port)) as m:
+    config = make_config(smtp_server.port, server={"journal_compact_after": 10})
+    async with Manager(tmp_path / "ws", spawn=1, config=config) as m:
         for i in range(60):
             await m.create_work(to="a@example.com", subject=f"m{i}")
         await asyncio.to_thread(smtp_server.handler.wait_for, 60)

@@ -1,36 +1,45 @@
-"""Crash points for tests: ``ESS_TEST_CRASH_AT=point[:n]`` kills the process with SIGKILL
-the n-th time (default 1st) execution passes ``crash_point(point)``.
+"""Fault injection for tests: crash points and error points.
 
-Read once at import; unset (always, outside tests) every crash point is a no-op. Points:
+``ESS_TEST_CRASH_AT=point[:n]`` kills the process with SIGKILL the n-th time (default 1st)
+execution passes ``crash_point(point)``. ``ESS_TEST_FAIL_AT=point[:n]`` (or
+``inject_failure`` in-process) makes the next n passes of ``fail_point(point)`` raise
+``OSError(EIO)``, as a failing disk would.
+
+Read once at import; unset (always, outside tests) every point is a no-op. Crash points:
 after_tmp_write, after_queue_rename, after_claim, after_mail_from, during_data,
 after_250, after_journal, before_unlink_active (the next state written, active/ not yet
 removed), between_key_and_message (an idempotency key written, its message not yet).
+Error points: journal_write, journal_sync, spool_commit.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
-__all__ = ("CRASH_POINTS", "crash_point")
+__all__ = ("CRASH_POINTS", "FAIL_POINTS", "crash_point", "fail_point", "inject_failure")
 
 CRASH_POINTS = frozenset({"after_tmp_write", "after_queue_rename", "after_claim",
                           "after_mail_from", "during_data", "after_250", "after_journal",
                           "before_unlink_active", "between_key_and_message"})
+FAIL_POINTS = frozenset({"journal_write", "journal_sync", "spool_commit"})
 
 
-def _default_crash_at() -> tuple[str, int] | None:
-    value = os.environ.get("ESS_TEST_CRASH_AT")
+def _parse(variable: str, points: frozenset[str]) -> tuple[str, int] | None:
+    value = os.environ.get(variable)
     if not value:
         return None
     name, _, count = value.partition(":")
-    if name not in CRASH_POINTS:
-        raise RuntimeError(f"ESS_TEST_CRASH_AT: unknown crash point {name!r}")
+    if name not in points:
+        raise RuntimeError(f"{variable}: unknown point {name!r}")
     return name, int(count or 1)
 
 
-_crash_at = _default_crash_at()
+_crash_at = _parse("ESS_TEST_CRASH_AT", CRASH_POINTS)
 _passes = 0
+_failures: dict[str, int] = dict([_fail] if (_fail := _parse("ESS_TEST_FAIL_AT",
+                                                             FAIL_POINTS)) else [])
 
 
 def crash_point(name: str) -> None:
@@ -41,3 +50,17 @@ def crash_point(name: str) -> None:
     _passes += 1
     if _passes >= _crash_at[1]:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_point(name: str) -> None:
+    """Raise OSError(EIO) here if the tests asked for it."""
+    if _failures and _failures.get(name, 0) > 0:
+        _failures[name] -= 1
+        raise OSError(errno.EIO, f"injected I/O error at {name}")
+
+
+def inject_failure(name: str, times: int = 1) -> None:
+    """Make the next ``times`` passes of ``fail_point(name)`` fail (0 clears it)."""
+    if name not in FAIL_POINTS:
+        raise ValueError(f"unknown fail point {name!r}")
+    _failures[name] = times

@@ -3,7 +3,12 @@
 A sender appends ``claim`` when it takes a message and ``accepted`` (fsynced, in groups)
 as soon as the server has accepted it. After a crash, replay tells which claimed
 messages were already delivered (finish them as passed, never resend) and which were
-not (put them back in the queue). Lines are JSON; a torn last line is ignored.
+not (put them back in the queue). Lines are JSON; a torn line is ignored.
+
+The journal keeps in memory the last entry of every message that is not yet settled
+(``live``). Compaction rewrites the file from ``live`` alone, under the sync lock, so an
+entry that was written and not yet settled survives it whether or not it was synced, and
+entries appended meanwhile are held back and written to the new file afterwards.
 """
 
 from __future__ import annotations
@@ -11,13 +16,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+from .faults import fail_point
+
 __all__ = ("Journal", "replay")
 
 logger = logging.getLogger("ess_async.journal")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
 
 
 def replay(path: Path) -> dict[str, dict[str, Any]]:
@@ -29,62 +41,138 @@ def replay(path: Path) -> dict[str, dict[str, Any]]:
         return last
     for line in data.splitlines():
         try:
-            entry = json.loads(line)
+            entry = json.loads(line, parse_constant=_reject_constant)
         except ValueError:
-            continue  # torn write at a crash: that entry never counted
+            continue  # torn write at a crash (or a failed write): that entry never counted
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            at = entry.get("at")
+            if isinstance(at, float) and not math.isfinite(at):
+                continue
             last[entry["id"]] = entry
     return last
 
 
-class Journal:
-    """The writer. ``accepted`` entries are durable when ``record_accepted`` returns."""
+def _encode(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
 
-    def __init__(self, path: Path) -> None:
+
+class Journal:
+    """The writer. ``append_durable`` returns once its entry is on disk."""
+
+    def __init__(self, path: Path, *, live: dict[str, dict[str, Any]] | None = None) -> None:
         self.path = path
         self._fd = self._open()
-        self._written = 0  # entries written
-        self._synced = 0  # entries known durable
+        self.live: dict[str, dict[str, Any]] = dict(live or {})  # id -> last unsettled entry
+        self._written = 0  # entries written (monotonic: never reset)
+        self._synced = 0  # entries known durable (or settled) up to this count
+        self._since_compact = 0
         self._sync_lock = asyncio.Lock()
+        self._held: list[bytes] | None = None  # lines appended while compacting
+        self._torn = False  # a failed write may have left half a line: start a fresh one
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
 
+    def _write(self, line: bytes) -> None:
+        if self._torn:
+            line = b"\n" + line  # never glue an entry onto a torn one
+        try:
+            fail_point("journal_write")
+            written = os.write(self._fd, line)  # O_APPEND: one write per line keeps it whole
+        except OSError:
+            self._torn = True
+            raise
+        if written != len(line):
+            self._torn = True
+            raise OSError(28, "short write to the journal (disk full?)")
+        self._torn = False
+
     def append(self, entry: dict[str, Any]) -> None:
-        """Append without waiting for the disk (for entries a crash may lose)."""
-        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
-        os.write(self._fd, line)  # O_APPEND: one write per line keeps lines whole
+        """Append without waiting for the disk (for entries a crash may lose). The entry
+        is the message's live one until ``settle`` even if the write fails."""
+        self.live[entry["id"]] = entry
         self._written += 1
+        self._since_compact += 1
+        line = _encode(entry)
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            self._write(line)
 
     async def append_durable(self, entry: dict[str, Any]) -> None:
-        """Append and return once the entry is on disk; concurrent callers share fsyncs."""
+        """Append and return once the entry is on disk; concurrent callers share fsyncs.
+        Raises OSError if it could not be made durable (the entry stays live)."""
         self.append(entry)
-        target = self._written
+        await self.sync(self._written)
+
+    async def sync(self, target: int | None = None) -> None:
+        """Make every entry written so far (or up to ``target``) durable."""
+        target = self._written if target is None else target
         async with self._sync_lock:
             if self._synced >= target:
-                return  # a sync that started after our write already covered it
+                return  # a sync (or a compaction) after our write already covered it
             upto = self._written
-            await asyncio.to_thread(os.fsync, self._fd)
-            self._synced = upto
+            await asyncio.to_thread(self._fsync)
+            self._synced = max(self._synced, upto)
+
+    def _fsync(self) -> None:
+        fail_point("journal_sync")
+        os.fsync(self._fd)
+
+    def settle(self, msg_id: str) -> None:
+        """The message's next state is durable: its entries need not survive compaction."""
+        self.live.pop(msg_id, None)
 
     @property
     def entries_written(self) -> int:
         return self._written
 
     @property
-    def syncing(self) -> bool:
-        return self._sync_lock.locked()
+    def entries_since_compaction(self) -> int:
+        return self._since_compact
 
-    def compact(self, keep: list[dict[str, Any]]) -> None:
-        """Replace the journal with ``keep`` (entries of messages still claimed).
+    async def compact(self) -> None:
+        """Rewrite the journal with the live entries only (those of messages not yet
+        settled). Runs under the sync lock: appends made meanwhile are held back and
+        written to the new file after it is in place; nothing live is ever dropped."""
+        async with self._sync_lock:
+            self._held = []
+            upto = self._written
+            keep = list(self.live.values())
+            try:
+                fd = await asyncio.to_thread(self._rewrite, keep)
+            except BaseException:
+                held, self._held = self._held, None
+                for line in held:
+                    self._write(line)
+                raise
+            os.close(self._fd)
+            self._fd = fd
+            self._torn = False
+            self._synced = max(self._synced, upto)  # every live entry is in the synced file
+            self._since_compact = 0
+            held, self._held = self._held, None
+            for line in held:
+                self._write(line)
 
-        Dropped entries belong to messages whose final records are already durable.
-        """
+    def compact_now(self) -> None:
+        """``compact`` for when nothing else runs (opening and closing a run)."""
+        if self._held is not None or self._sync_lock.locked():
+            raise RuntimeError("compact_now while the journal is in use")
+        fd = self._rewrite(list(self.live.values()))
+        os.close(self._fd)
+        self._fd = fd
+        self._torn = False
+        self._synced = self._written
+        self._since_compact = 0
+
+    def _rewrite(self, keep: list[dict[str, Any]]) -> int:
         tmp = self.path.with_suffix(".compact")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n"
-                                  for e in keep))
+            view = memoryview(b"".join(_encode(e) for e in keep))
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -94,9 +182,7 @@ class Journal:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        os.close(self._fd)
-        self._fd = self._open()
-        self._written = self._synced = 0
+        return self._open()
 
     def close(self) -> None:
         if self._fd >= 0:

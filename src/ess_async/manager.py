@@ -12,6 +12,7 @@ import contextlib
 import functools
 import heapq
 import logging
+import math
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from .config import CONFIG_TEMPLATE, Config, load_config
 from .enqueue import Enqueuer, GroupCommit, prepare
@@ -40,9 +41,9 @@ __all__ = ("Manager", "default_workspace")
 logger = logging.getLogger("ess_async.manager")
 
 JOURNAL_NAME = "journal.log"
-_COMPACT_AFTER = 20_000  # journal entries
 _RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
 _PRUNE_SECONDS = 600.0  # retention runs this often while serving
+_CHUNK = 5_000  # ids offered or timed per event-loop step (keeps each step short)
 
 
 def default_workspace() -> Path:
@@ -65,6 +66,8 @@ class _Run:
         self.busy: set[asyncio.Task[Any]] = set()
         self.live = False  # True while delegate_workload serves (new work is offered)
         self.closed = asyncio.Event()  # set once the run has settled and released the lock
+        self.compaction: asyncio.Future[None] | None = None
+        self.settle_wake = asyncio.Event()  # set when an accepted message awaits its record
 
 
 class Manager:
@@ -93,7 +96,7 @@ class Manager:
         self.workers: list[asyncio.Task[None]] = []
         self._commit = GroupCommit(Enqueuer(self.spool)).commit
         self.last_recovery: dict[str, int] = {}
-        self._waiters: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, set[asyncio.Event]] = {}
 
     @property
     def config_path(self) -> Path:
@@ -153,7 +156,8 @@ class Manager:
         or quarantined, and return how it ended. It may be delivered by this manager or by
         another process. Raises TimeoutError, or MessageNotFound for an unknown id."""
         msg_id = message_id(str(message))
-        event = self._waiters.setdefault(msg_id, asyncio.Event())
+        event = asyncio.Event()  # one per caller: two waits on one id are both woken
+        self._waiters.setdefault(msg_id, set()).add(event)
         delay = 0.005
         misses = 0
         try:
@@ -174,7 +178,11 @@ class Manager:
                         await asyncio.wait_for(event.wait(), delay)
                     delay = min(delay * 2, 0.5)
         finally:
-            self._waiters.pop(msg_id, None)
+            events = self._waiters.get(msg_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[msg_id]
 
     def _outcome(self, state: str, path: Path) -> Outcome:
         if state == "corrupt":
@@ -188,14 +196,15 @@ class Manager:
             raise EssError("this manager is already delivering")
         self._ensure()
         self._lock.acquire()
+        journal: Journal | None = None
+        log: TextIO | None = None
         try:
             journal_path = self.workspace / JOURNAL_NAME
             entries = replay(journal_path)
-            journal = Journal(journal_path)
+            journal = Journal(journal_path, live=entries)
             smtp = self.config.transport.smtp
             throttle = Throttle(smtp.max_connections or self.spawn,
                                 max_per_second=smtp.max_per_second)
-            log = None
             if self.config.server.delivery_log:
                 fd = os.open(self.workspace / "delivery.log",
                              os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -205,10 +214,14 @@ class Manager:
             self.last_recovery = settled = dispatcher.recover(entries)
             if any(settled.values()):
                 logger.info("recovered claims from an earlier run: %s", settled)
-            journal.compact(dispatcher.unsettled)
+            journal.compact_now()  # only the unsettled acceptances are kept
             self.spool.clean_tmp()
             self.prune()
         except BaseException:
+            if journal is not None:
+                journal.close()
+            if log is not None:
+                log.close()
             self._lock.release()
             raise
         run = _Run(dispatcher, journal)
@@ -218,14 +231,24 @@ class Manager:
         return run
 
     async def _close_run(self, run: _Run) -> None:
+        journal = run.journal
         try:
             await run.dispatcher.drain()
+            if run.compaction is not None:
+                await asyncio.gather(run.compaction, return_exceptions=True)
             # Whatever is still claimed (a send cut off at the deadline) goes back to
-            # queued/, or to passed/ if the journal shows the server accepted it.
-            run.dispatcher.recover(replay(run.journal.path))
-            run.journal.compact(run.dispatcher.unsettled)
+            # queued/, or to passed/ if this run or the journal says the server accepted
+            # it (this run's memory wins: it knows acceptances the disk may have refused).
+            run.dispatcher.recover({**replay(journal.path), **journal.live,
+                                    **run.dispatcher.unsettled})
+            try:
+                journal.compact_now()
+            except OSError as exc:
+                logger.critical("cannot rewrite the journal (%s): %d accepted message(s) "
+                                "are recorded only in memory and may be sent again",
+                                exc, len(run.dispatcher.unsettled))
         finally:
-            run.journal.close()
+            journal.close()
             if run.dispatcher.delivery_log is not None:
                 run.dispatcher.delivery_log.close()
             self._run = None
@@ -250,32 +273,69 @@ class Manager:
         run.pending[msg_id] = source
         run.queue.put_nowait(WorkItem(priority_rank(msg_id), msg_id, source))
 
-    def _offer_all(self, run: _Run, ids: list[str]) -> None:
-        for msg_id in ids:
-            self._offer(run, msg_id, "queued")
+    async def _offer_all(self, run: _Run, ids: list[str]) -> None:
+        for start in range(0, len(ids), _CHUNK):
+            if start:
+                await asyncio.sleep(0)  # a huge backlog must not freeze the loop
+            for msg_id in ids[start:start + _CHUNK]:
+                self._offer(run, msg_id, "queued")
 
-    def _scan_queued(self, run: _Run) -> None:
+    def _list_queued(self) -> list[str]:
         for stray in self.spool.strays("queued"):
             with contextlib.suppress(OSError):
                 self.spool.quarantine(stray, "not a message file name")
                 logger.warning("quarantined stray spool entry %s", stray.name)
-        self._offer_all(run, self.spool.ids("queued"))
+        return self.spool.ids("queued")
 
-    def _load_waiting(self, run: _Run, state: str, ids: list[str] | None = None) -> None:
-        """Set a timer for each message in ``deferred/`` or ``scheduled/``."""
-        for msg_id in self.spool.ids(state) if ids is None else ids:
-            path = self.spool.path(state, msg_id)
-            try:
-                due = float(self.spool.read(path).get("next_attempt_at") or 0)
-            except FileNotFoundError:
-                continue
-            except (CorruptRecord, TypeError, ValueError) as exc:
-                with contextlib.suppress(OSError):
-                    self.spool.quarantine(path, getattr(exc, "reason", str(exc)))
-                continue
-            self._schedule(run, msg_id, due, state)
+    async def _scan_queued(self, run: _Run) -> None:
+        """Offer everything in ``queued/``; the folder is listed off the loop."""
+        await self._offer_all(run, await asyncio.to_thread(self._list_queued))
+
+    def _read_due(self, state: str, msg_id: str) -> float | None:
+        """When a waiting message is due (None if it is gone; a bad one is quarantined)."""
+        path = self.spool.path(state, msg_id)
+        try:
+            due = self.spool.read(path).get("next_attempt_at") or 0
+            if isinstance(due, bool) or not isinstance(due, int | float):
+                raise CorruptRecord("malformed key 'next_attempt_at'")
+            due = float(due)
+            if not math.isfinite(due):
+                raise CorruptRecord("non-finite next_attempt_at")
+        except FileNotFoundError:
+            return None
+        except (CorruptRecord, OverflowError) as exc:
+            with contextlib.suppress(OSError):
+                self.spool.quarantine(path, getattr(exc, "reason", str(exc)))
+                logger.warning("quarantined %s/%s: %s", state, msg_id, exc)
+            return None
+        return due
+
+    async def _load_waiting(self, run: _Run, state: str, ids: list[str] | None = None,
+                            ) -> None:
+        """Set a timer for each message in ``deferred/`` or ``scheduled/``. The files are
+        read off the loop; a full scan skips messages that already have a timer (their
+        time is in memory), so a rescan reads only what is new."""
+        def read() -> list[tuple[str, float]]:
+            wanted = self.spool.ids(state) if ids is None else ids
+            dues = []
+            for msg_id in wanted:
+                if ids is None and msg_id in run.timed:
+                    continue
+                due = self._read_due(state, msg_id)
+                if due is not None:
+                    dues.append((msg_id, due))
+            return dues
+
+        dues = await asyncio.to_thread(read)
+        for start in range(0, len(dues), _CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for msg_id, due in dues[start:start + _CHUNK]:
+                self._schedule(run, msg_id, due, state)
 
     def _schedule(self, run: _Run, msg_id: str, due: float, state: str = "deferred") -> None:
+        if not math.isfinite(due):
+            due = self.clock()  # never a timer that cannot be ordered (records are checked)
         if run.timed.get(msg_id) == due:
             return  # a rescan found what is already scheduled
         run.timed[msg_id] = due  # an older entry for this id is now stale
@@ -292,16 +352,21 @@ class Manager:
             self._offer(run, msg_id, state)
 
     def _finished(self, run: _Run, msg_id: str) -> None:
-        waiter = self._waiters.get(msg_id)
-        if waiter is not None:
+        for waiter in self._waiters.get(msg_id, ()):
             waiter.set()
         self._maybe_compact(run)
 
     def _maybe_compact(self, run: _Run) -> None:
-        journal = run.journal
-        if journal.entries_written >= _COMPACT_AFTER and not journal.syncing:
-            journal.compact([*run.dispatcher.unsettled,
-                             *(e for e in run.dispatcher.claimed.values() if e is not None)])
+        if run.journal.entries_since_compaction >= self.config.server.journal_compact_after \
+                and (run.compaction is None or run.compaction.done()):
+            run.compaction = asyncio.ensure_future(self._compact(run))
+
+    @staticmethod
+    async def _compact(run: _Run) -> None:
+        try:
+            await run.journal.compact()  # keeps every live entry; appends wait meanwhile
+        except OSError as exc:
+            logger.error("cannot compact the journal now: %s", exc)
 
     async def _timers(self, run: _Run) -> None:
         while True:
@@ -315,8 +380,9 @@ class Manager:
         last_prune = self.clock()
         while True:
             await asyncio.sleep(_RESCAN_SECONDS)
-            self._scan_queued(run)
-            self._load_waiting(run, "scheduled")
+            await self._scan_queued(run)
+            await self._load_waiting(run, "scheduled")
+            await self._load_waiting(run, "deferred")  # a safety net: timers are in memory
             if self.clock() - last_prune >= _PRUNE_SECONDS:
                 last_prune = self.clock()
                 await asyncio.to_thread(self.prune)
@@ -376,16 +442,48 @@ class Manager:
         except OSError as exc:  # SpoolError included: a full disk, say
             logger.error("spool error on message %s: %s", item.msg_id, exc)
             await asyncio.sleep(1.0)  # no hot loop while the disk is in trouble
-            # Settle the claim now rather than at the end of the run: back to queued/ if
-            # nothing was sent; an accepted one keeps its journal entry (never resent).
-            accepted = next((e for e in run.dispatcher.unsettled
-                             if e["id"] == item.msg_id), None)
-            if os.path.lexists(self.spool.path("active", item.msg_id)) and \
-                    run.dispatcher.settle_claim(item.msg_id, accepted) == "requeued" and \
-                    run.live:
-                self._offer(run, item.msg_id, "queued")  # process_workload leaves it queued
+            self._resume(run, item.msg_id)
         finally:
             run.busy.discard(task)
+
+    def _resume(self, run: _Run, msg_id: str) -> None:
+        """After a spool or journal error, see the message on to its next step at once
+        (rather than at the end of the run): wherever it is now, it is offered, timed or,
+        if the server accepted it, recorded as soon as the disk allows (never resent)."""
+        dispatcher = run.dispatcher
+        if msg_id in dispatcher.unsettled:
+            run.settle_wake.set()
+            return
+        if msg_id in dispatcher.claimed:
+            return  # another sender has it
+        if os.path.lexists(self.spool.path("active", msg_id)):
+            dispatcher.settle_claim(msg_id, None)
+            if msg_id in dispatcher.unsettled:
+                run.settle_wake.set()
+                return
+        found = self.spool.find(msg_id, ("queued", "deferred"))
+        if found is None:
+            return  # final, held, or gone
+        if found[0] == "deferred":
+            due = self._read_due("deferred", msg_id)
+            if due is not None:
+                self._schedule(run, msg_id, due)
+        elif run.live:  # process_workload leaves it queued for the next run
+            self._offer(run, msg_id, "queued")
+
+    async def _settler(self, run: _Run) -> None:
+        """Record, as soon as the disk allows, messages the server accepted while their
+        records could not be written (their acceptance is kept in memory meanwhile)."""
+        delay = 1.0
+        while True:
+            await run.settle_wake.wait()
+            await asyncio.sleep(delay)
+            run.dispatcher.retry_unsettled()  # rare, and its callbacks touch the loop
+            if run.dispatcher.unsettled:
+                delay = min(delay * 2, 30.0)
+            else:
+                run.settle_wake.clear()
+                delay = 1.0
 
     async def process_workload(
         self, *, progress: Callable[[WorkloadSummary], None] | None = None,
@@ -393,10 +491,10 @@ class Manager:
         """Deliver every message that is due now, then return what happened."""
         run = self._open_run()
         try:
-            self._load_waiting(run, "deferred")
-            self._load_waiting(run, "scheduled")
+            await self._load_waiting(run, "deferred")
+            await self._load_waiting(run, "scheduled")
             self._release_due(run)
-            self._scan_queued(run)
+            await self._scan_queued(run)
             self.workers = [asyncio.create_task(self._sender(run, drain=True, progress=progress))
                             for _ in range(self.spawn)]
             await asyncio.gather(*self.workers)
@@ -421,21 +519,22 @@ class Manager:
                         loop.add_signal_handler(sig, run.stop_event.set)
                         installed.append(sig)
             watch_stop = asyncio.Event()
+            run.live = True
             helpers = [asyncio.create_task(watch_queued(
                 self.spool.dir("queued"), lambda ids: self._offer_all(run, ids), watch_stop,
                 on_ready=lambda: self._scan_queued(run))),
                 asyncio.create_task(watch_queued(
                     self.spool.dir("scheduled"),
                     lambda ids: self._load_waiting(run, "scheduled", ids), watch_stop,
-                    on_ready=lambda: self._load_waiting(run, "scheduled")))]
-            self._load_waiting(run, "deferred")
-            self._load_waiting(run, "scheduled")
-            self._scan_queued(run)
-            run.live = True
-            helpers += [asyncio.create_task(self._timers(run)),
-                        asyncio.create_task(self._rescan(run))]
+                    on_ready=lambda: self._load_waiting(run, "scheduled"))),
+                asyncio.create_task(self._timers(run)),
+                asyncio.create_task(self._rescan(run)),
+                asyncio.create_task(self._settler(run))]
             self.workers = [asyncio.create_task(self._sender(run, drain=False))
                             for _ in range(self.spawn)]
+            await self._load_waiting(run, "deferred")
+            await self._load_waiting(run, "scheduled")
+            await self._scan_queued(run)
             logger.info("delivering %s with %d senders", self.workspace, self.spawn)
             await run.stop_event.wait()
             run.live = False
@@ -456,12 +555,14 @@ class Manager:
         for task in self.workers:
             if task not in run.busy:
                 task.cancel()  # idle: waiting on the queue, holding nothing
-        in_flight = [t for t in self.workers if not t.done()]
+        in_flight = [t for t in self.workers if t in run.busy and not t.done()]
         if in_flight:
             logger.info("waiting up to %.0fs for %d in-flight sends", self.config.server.grace,
                         len(in_flight))
             _, late = await asyncio.wait(in_flight, timeout=self.config.server.grace)
             for task in late:
+                # A send cut off here ends as outcome unknown if its data was sent,
+                # else it goes back to queued/ untouched (see Dispatcher._attempt).
                 task.cancel()
         await asyncio.gather(*helpers, *self.workers, return_exceptions=True)
 

@@ -14,20 +14,20 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiofiles.os
 
-from .errors import DeliveryError, SpoolError
-from .faults import crash_point
+from .errors import DeliveryError, SpoolError, TemporaryDeliveryError
+from .faults import crash_point, fail_point
 from .journal import Journal
 from .retry import RetryPolicy
 from .spool import CorruptRecord, Spool
 from .throttle import Throttle
-from .transports import SendResult, Transport
+from .transports import Transport
 
 __all__ = ("Dispatcher", "WorkItem", "WorkloadSummary")
 
@@ -81,8 +81,10 @@ class Dispatcher:
         # Claimed message ids -> their durable "accepted" journal entry once there is one.
         self.claimed: dict[str, dict[str, Any] | None] = {}
         self.finishing: set[asyncio.Task[str]] = set()
-        self.unsettled: list[dict[str, Any]] = []  # accepted, not yet finished (see recover)
+        # Accepted by the server, but their next record could not be written yet.
+        self.unsettled: dict[str, dict[str, Any]] = {}
         self.summary = WorkloadSummary()
+        self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._read = aiofiles.os.wrap(spool.read)
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
         self._staged: list[tuple[Path, asyncio.Future[None]]] = []
@@ -101,10 +103,15 @@ class Dispatcher:
         if not any(self.spool.rename(msg_id, source, "active") for source in sources):
             return None
         self.claimed[msg_id] = None
-        self.journal.append({"op": "claim", "id": msg_id, "at": self.clock()})
-        crash_point("after_claim")
-        path = self.spool.path("active", msg_id)
         try:
+            try:
+                self.journal.append({"op": "claim", "id": msg_id, "at": self.clock()})
+            except OSError as exc:
+                # Undo the claim rather than send while the journal cannot be written.
+                self.spool.rename(msg_id, "active", "queued")
+                raise SpoolError(exc.errno, f"cannot journal a claim: {exc}") from None
+            crash_point("after_claim")
+            path = self.spool.path("active", msg_id)
             try:
                 small = path.lstat().st_size <= _INLINE_BYTES
                 record = self.spool.read(path) if small else await self._read(path)
@@ -118,6 +125,7 @@ class Dispatcher:
         finally:
             if self.claimed.get(msg_id) is None:  # an accepted one is released by _accepted
                 self.claimed.pop(msg_id, None)
+                self.journal.settle(msg_id)
 
     async def _attempt(self, record: dict[str, Any], transport: Transport) -> str:
         msg_id = record["id"]
@@ -133,37 +141,62 @@ class Dispatcher:
                 self.throttle.push_back()
                 logger.warning("server pushed back (%s): %d concurrent sends, pausing",
                                exc, self.throttle.limit)
-            return await self._failed_attempt(record, exc)
+            return await self._finish_failed(record, exc)
         except asyncio.CancelledError:
+            if transport.outcome_pending:
+                # Stopped after the data was sent, before the reply: the server may have
+                # the message. Record that (never requeue it as if nothing was sent).
+                await self._finish_failed(record, TemporaryDeliveryError(
+                    "stopped while waiting for the reply to the message data",
+                    outcome_unknown=True, phase="DATA"))
             raise
         except Exception as exc:  # a transport bug must not lose the message or the sender
             logger.exception("message %s: unexpected error from transport", msg_id)
-            return await self._failed_attempt(record, DeliveryError(f"internal error: {exc!r}"))
+            return await self._finish_failed(record, DeliveryError(
+                f"internal error: {exc!r}", outcome_unknown=transport.outcome_pending))
         crash_point("after_250")
         self.throttle.success()
         # From here on the message is delivered: finish even if the run is being cancelled.
-        task = asyncio.ensure_future(self._accepted(record, result))
+        # The attempt number fences the entry: recovery trusts it only for this claim.
+        entry = {"op": "accepted", "id": msg_id, "at": self.clock(), "code": result.code,
+                 "reply": result.message, "refused": result.refused,
+                 "attempt": record["attempts"]}
+        self.claimed[msg_id] = entry  # in memory at once: never requeued from here on
+        return await self._finish(self._accepted(record, entry))
+
+    async def _finish(self, work: Coroutine[Any, Any, str]) -> str:
+        """Run ``work`` to its end even if the caller is cancelled meanwhile (``drain``
+        waits for it when a run closes)."""
+        task = asyncio.ensure_future(work)
         self.finishing.add(task)
         task.add_done_callback(self.finishing.discard)
         return await asyncio.shield(task)
 
-    async def _accepted(self, record: dict[str, Any], result: SendResult) -> str:
+    async def _finish_failed(self, record: dict[str, Any], exc: DeliveryError) -> str:
+        return await self._finish(self._failed_attempt(record, exc))
+
+    async def _accepted(self, record: dict[str, Any], entry: dict[str, Any]) -> str:
         msg_id = record["id"]
-        entry = {"op": "accepted", "id": msg_id, "at": self.clock(), "code": result.code,
-                 "reply": result.message, "refused": result.refused}
-        await self.journal.append_durable(entry)
-        crash_point("after_journal")
-        self.claimed[msg_id] = entry
         try:
-            state, settled = self.settle_accepted(record, entry)
+            await self.journal.append_durable(entry)
+        except OSError as exc:
+            logger.error("message %s was accepted, but the journal cannot record it (%s): "
+                         "recording its next state directly", msg_id, exc)
+        crash_point("after_journal")
+        state, settled = self.settle_accepted(record, entry)
+        try:
             await self._settle(state, settled)
-        except OSError:
-            # Delivered, but not recorded (disk full?): keep the journal entry so that
-            # recovery finishes it later and it is never sent again.
-            self.unsettled.append(entry)
+        except OSError as exc:
+            # Delivered, but not recorded (disk full?): keep the acceptance (in memory and,
+            # if it got there, in the journal) and finish it once the disk allows.
+            self.unsettled[msg_id] = entry
+            logger.error("message %s was accepted, but its record cannot be written (%s): "
+                         "will retry", msg_id, exc)
             raise
-        finally:
-            self.claimed.pop(msg_id, None)
+        self.claimed.pop(msg_id, None)
+        self.journal.settle(msg_id)
+        if state == "deferred" and self.on_deferred:
+            self.on_deferred(msg_id, settled["next_attempt_at"])
         return self._done(settled, state)
 
     async def _settle(self, state: str, record: dict[str, Any]) -> None:
@@ -183,7 +216,7 @@ class Dispatcher:
         while self._staged:
             batch, self._staged = self._staged, []
             try:
-                await asyncio.to_thread(self.spool.commit, [path for path, _ in batch])
+                await asyncio.to_thread(self._commit, [path for path, _ in batch])
             except OSError as exc:
                 for _, future in batch:
                     future.set_exception(SpoolError(exc.errno, f"cannot commit: {exc}"))
@@ -191,35 +224,77 @@ class Dispatcher:
                 for _, future in batch:
                     future.set_result(None)
 
+    def _commit(self, paths: list[Path]) -> None:
+        fail_point("spool_commit")
+        self.spool.commit(paths)
+
     def settle_claim(self, msg_id: str, entry: dict[str, Any] | None) -> str:
         """Settle one message left in ``active/``; ``entry`` is its last journal entry.
-        Returns requeued, passed (or its next state), corrupt, or unsettled."""
+        Returns requeued, passed (or its next state), settled (its next state was already
+        written), corrupt, or unsettled (accepted, but the disk refused its record)."""
         path = self.spool.path("active", msg_id)
         try:
-            if entry is None or entry.get("op") != "accepted":
+            record = None
+            if entry is not None and entry.get("op") == "accepted":
+                try:
+                    record = self.spool.read(path)
+                except CorruptRecord as exc:
+                    self.spool.quarantine(path, exc.reason)
+                    self._forget(msg_id)
+                    return "corrupt"
+                fence = entry.get("attempt")
+                if fence is not None and fence != record.get("attempts", 0) + 1:
+                    record = None  # the acceptance of an earlier attempt: not this claim's
+            if record is None:
                 # A crash between writing the next state and removing active/ leaves two
                 # copies: the next one wins if it was made durable (it reads back
                 # whole); if not, it is dropped and the claim is undone.
                 if self._next_copy_is_whole(msg_id):
                     path.unlink()
+                    self._forget(msg_id)
                     return "settled"
                 self.spool.rename(msg_id, "active", "queued")
+                self._forget(msg_id)
                 return "requeued"
-            try:
-                record = self.spool.read(path)
-            except CorruptRecord as exc:
-                self.spool.quarantine(path, exc.reason)
-                return "corrupt"
+            assert entry is not None
             record["attempts"] = record.get("attempts", 0) + 1
             state, settled = self.settle_accepted(record, entry)
             self.spool.finish(state, settled)
+            self._forget(msg_id)
+            self.last_settled = (state, settled)
             return "passed"
         except OSError as exc:  # SpoolError included
             logger.error("cannot settle message %s now: %s", msg_id, exc)
-            if entry is not None and entry.get("op") == "accepted" and \
-                    entry not in self.unsettled:
-                self.unsettled.append(entry)
+            if entry is not None and entry.get("op") == "accepted":
+                self.unsettled[msg_id] = entry
+                self.claimed[msg_id] = entry
             return "unsettled"
+
+    def _forget(self, msg_id: str) -> None:
+        """``msg_id`` has reached a durable next state: drop what this run kept of it."""
+        self.unsettled.pop(msg_id, None)
+        if self.claimed.get(msg_id) is not None:
+            del self.claimed[msg_id]
+        self.journal.settle(msg_id)
+
+    def retry_unsettled(self) -> dict[str, int]:
+        """Try again to record messages the server accepted while the disk refused their
+        records (they are never sent again); returns what became of them."""
+        counts: dict[str, int] = {}
+        for msg_id, entry in list(self.unsettled.items()):
+            if msg_id not in self.unsettled:
+                continue
+            outcome = self.settle_claim(msg_id, entry)
+            counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome == "passed" and self.last_settled is not None:
+                state, record = self.last_settled
+                logger.info("message %s: accepted earlier, its record is written now", msg_id)
+                if state == "deferred" and self.on_deferred:
+                    self.on_deferred(msg_id, record["next_attempt_at"])
+                self._done(record, state)
+            elif outcome != "unsettled":
+                logger.warning("message %s: accepted earlier, settled as %s", msg_id, outcome)
+        return counts
 
     def _next_copy_is_whole(self, msg_id: str) -> bool:
         found = self.spool.find(msg_id, ("deferred", "failed", "passed"))
@@ -328,15 +403,21 @@ class Dispatcher:
         """Settle every message left in ``active/`` (after a crash or a cancelled run):
         accepted ones are finished as passed, the rest go back to ``queued/``.
 
-        An accepted message that cannot be finished now (a full disk, say) stays in
-        ``active/`` and its journal entry is kept in ``unsettled``: it is never resent.
+        ``entries`` is the last journal entry of each message. An accepted message that
+        cannot be finished now (a full disk, say) stays in ``active/`` and in
+        ``unsettled``: it is never resent. Afterwards the journal's live entries are
+        exactly the unsettled ones.
         """
         counts = {"requeued": 0, "passed": 0, "corrupt": 0, "unsettled": 0}
-        self.unsettled = []
         for msg_id in self.spool.ids("active"):
+            if msg_id in self.claimed and msg_id not in self.unsettled:
+                continue  # being delivered right now
             outcome = self.settle_claim(msg_id, entries.get(msg_id))
             counts[outcome] = counts.get(outcome, 0) + 1
         for stray in self.spool.strays("active"):
             self.spool.quarantine(stray, "unexpected file in active/")
             counts["corrupt"] += 1
+        for msg_id in list(self.journal.live):
+            if msg_id not in self.claimed:
+                self.journal.settle(msg_id)
         return counts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from watchfiles import Change, awatch
@@ -22,9 +22,9 @@ def _is_new_message(change: Change, path: str) -> bool:
         ID_PATTERN.match(name[:-5]))
 
 
-async def watch_queued(folder: Path, on_ids: Callable[[list[str]], None],
+async def watch_queued(folder: Path, on_ids: Callable[[list[str]], Awaitable[None]],
                        stop_event: asyncio.Event,
-                       on_ready: Callable[[], None] | None = None) -> None:
+                       on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
     """Call ``on_ids`` with the ids of messages that appear in ``folder`` until stopped.
 
     ``on_ready`` runs once the watch is in place, so a scan from there on misses nothing
@@ -35,9 +35,9 @@ async def watch_queued(folder: Path, on_ids: Callable[[list[str]], None],
                                 stop_event=stop_event, recursive=False, rust_timeout=1000,
                                 yield_on_timeout=True):
         if on_ready is not None:
-            on_ready()
-            on_ready = None
+            ready, on_ready = on_ready, None
+            await ready()
         if changes:
             ids = sorted({Path(path).name[:-5] for _, path in changes})
             logger.debug("watcher: %d new message(s)", len(ids))
-            on_ids(ids)
+            await on_ids(ids)
