@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -42,9 +43,30 @@ class RecordingHandler:
     data_replies: deque[str] = field(default_factory=deque)
     rcpt_replies: dict[str, str | list[str]] = field(default_factory=dict)
     peers: list[tuple[str, int]] = field(default_factory=list)  # client address per DATA
+    quits: list[tuple[str, int]] = field(default_factory=list)  # client address per QUIT
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Slow replies: ``hold`` names commands ("RCPT", "DATA": the final reply) that set
+    # ``held`` and get no reply until ``release`` is set; ``delays`` maps a command to
+    # seconds slept before its reply.
+    hold: set[str] = field(default_factory=set)
+    held: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    delays: dict[str, float] = field(default_factory=dict)
+
+    async def _pause(self, command: str) -> None:
+        if command in self.hold:
+            self.held.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+        if self.delays.get(command):
+            await asyncio.sleep(self.delays[command])
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.quits.append(session.peer)
+        return "221 Bye"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        await self._pause("RCPT")
         scripted = self.rcpt_replies.get(address)
         if isinstance(scripted, list):
             scripted = scripted.pop(0) if scripted else None
@@ -54,6 +76,7 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        await self._pause("DATA")
         with self.lock:
             self.peers.append(session.peer)
             reply = self.data_replies.popleft() if self.data_replies else "250 OK accepted"
@@ -98,6 +121,7 @@ class SMTPServer:
         self._controller.start()
 
     def stop(self) -> None:
+        self.handler.release.set()  # no held reply keeps the server from stopping
         if self._controller is not None:
             self._controller.stop()
             self._controller = None

@@ -148,8 +148,8 @@ async def test_slow_250_is_still_a_success(tmp_path: Path) -> None:
 
 async def test_one_stalled_reply_does_not_stop_the_others(tmp_path: Path) -> None:
     async with RawServer(stall_for="stuck@example.com") as server:
-        config = make_config(server.port, transport={"smtp": {"port": server.port,
-                                                              "timeout": 1}})
+        config = make_config(server.port, transport={"smtp": {
+            "port": server.port, "timeout": 1, "final_reply_timeout": 1}})
         client = Client(tmp_path / "ws", config=config)
         client.create_work(to="stuck@example.com", subject="stuck")
         for i in range(30):

@@ -18,6 +18,9 @@ import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from ess_async import Manager
+from ess_async.config import SmtpConfig
+from ess_async.errors import ConfigError
+from ess_async.transports.smtp import SMTPTransport
 
 from .conftest import SMTPServer, make_config, write_config
 
@@ -128,6 +131,41 @@ async def test_auth_with_password_from_environment(tmp_path: Path, ca: trustme.C
     (path,) = list((tmp_path / "ws" / "deferred").glob("*.json"))
     assert "authentication failed" in json.loads(path.read_text())["last_error"]["message"]
     assert server.handler.subjects() == ["authenticated"]
+
+
+def test_plaintext_auth_is_a_config_error(tmp_path: Path) -> None:
+    """Issue 8 item 10: a username with tls = "none" would send the password in clear
+    text; unless allow_plaintext_auth says so, that is a ConfigError naming the setting,
+    at load time (Manager, Client and the CLI all fail fast)."""
+    ws = tmp_path / "ws"
+    write_config(ws, 2525, extra='username = "app"\n')
+    with pytest.raises(ConfigError) as caught:
+        Manager(ws)
+    assert caught.value.key == "transport.smtp.allow_plaintext_auth"
+    assert 'tls = "none"' in str(caught.value) and "starttls" in str(caught.value)
+    with pytest.raises(ConfigError, match="allow_plaintext_auth"):
+        SMTPTransport(SmtpConfig(username="app"))  # a config built in code, too
+    # Encrypted, or explicitly allowed, or not SMTP at all: fine.
+    for values in ({"tls": "starttls"}, {"tls": "tls"}, {"allow_plaintext_auth": True}):
+        make_config(2525, transport=smtp(2525, username="app", **values))
+    make_config(2525, transport={"type": "maildir", **smtp(2525, username="app")})
+
+
+async def test_plaintext_auth_when_allowed(tmp_path: Path, servers: list[SMTPServer],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 8 item 10: allow_plaintext_auth = true (a relay on localhost) authenticates
+    over an unencrypted connection."""
+    server = SMTPServer(authenticator=authenticator, auth_require_tls=False)
+    server.start()
+    servers.append(server)
+    monkeypatch.setenv("TEST_SMTP_PASSWORD", PASSWORD)
+    config = make_config(server.port, transport=smtp(
+        server.port, username="app", password_env="TEST_SMTP_PASSWORD",
+        allow_plaintext_auth=True))
+    manager = Manager(tmp_path / "ws", config=config)
+    await manager.create_work(to="a@example.com", subject="plain auth")
+    assert (await manager.process_workload()).passed == 1
+    assert server.handler.subjects() == ["plain auth"]
 
 
 def secret_forms(secret: str) -> list[bytes]:

@@ -25,6 +25,7 @@ __all__ = (
     "ServerConfig",
     "SmtpConfig",
     "TransportConfig",
+    "check_plaintext_auth",
     "load_config",
     "parse_config",
 )
@@ -58,7 +59,14 @@ class SmtpConfig:
     tls: Literal["none", "starttls", "tls"] = "none"
     username: str = ""
     password_env: str = "ESS_SMTP_PASSWORD"
-    timeout: float = 30.0
+    # Refuse to send a password unencrypted (tls = "none") unless this says so.
+    allow_plaintext_auth: bool = False
+    # Seconds; the defaults follow RFC 5321 section 4.5.3.2. A legacy ``timeout`` key is
+    # read as the default of connect_timeout and command_timeout (see parse_config).
+    connect_timeout: float = 30.0  # connect, greeting, EHLO, STARTTLS, AUTH
+    command_timeout: float = 300.0  # each reply to MAIL, RCPT, DATA, RSET, NOOP
+    data_timeout: float = 180.0  # each block of the message data to be taken by the server
+    final_reply_timeout: float = 600.0  # the reply to the end of the data
     local_hostname: str = ""
     tls_ca_file: str = ""
     max_connections: int = 0  # concurrent connections; 0 = one per sender (spawn)
@@ -95,7 +103,8 @@ _ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
                   "max_messages_per_connection", "keep_passed_days", "keep_failed_days",
                   "keep_passed", "keep_failed"}
 _POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
-             "max_backoff", "max_age", "max_message_size"}
+             "max_backoff", "max_age", "max_message_size", "connect_timeout",
+             "command_timeout", "data_timeout", "final_reply_timeout"}
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -157,10 +166,38 @@ def _message_defaults(table: object) -> dict[str, Any]:
     return defaults
 
 
+def _legacy_timeout(data: dict[str, Any]) -> dict[str, Any]:
+    """``[transport.smtp] timeout`` (one timeout for everything, before the per-phase
+    ones): the default of connect_timeout and command_timeout, never of the data or final
+    reply timeouts, so an old config cannot cut a legal wait for the final reply short."""
+    transport = data.get("transport")
+    smtp = transport.get("smtp") if isinstance(transport, dict) else None
+    if not isinstance(smtp, dict) or "timeout" not in smtp:
+        return data
+    smtp = dict(smtp)
+    value = _convert("transport.smtp.timeout", float, smtp.pop("timeout"))
+    smtp.setdefault("connect_timeout", value)
+    smtp.setdefault("command_timeout", value)
+    assert isinstance(transport, dict)
+    return {**data, "transport": {**transport, "smtp": smtp}}
+
+
+def check_plaintext_auth(smtp: SmtpConfig) -> None:
+    """A password never crosses the network unencrypted unless the config says so."""
+    if smtp.username and smtp.tls == "none" and not smtp.allow_plaintext_auth:
+        raise ConfigError(
+            "transport.smtp.allow_plaintext_auth",
+            'username is set but transport.smtp.tls = "none", so the password would be '
+            'sent in clear text: set tls = "starttls" (recommended) or "tls", or '
+            "allow_plaintext_auth = true for a relay on localhost")
+
+
 def parse_config(data: dict[str, Any], source: object = None) -> Config:
     """Build a Config from an already-parsed TOML document."""
     try:
-        config: Config = _build(Config, data, "")
+        config: Config = _build(Config, _legacy_timeout(data), "")
+        if config.transport.type == "smtp":
+            check_plaintext_auth(config.transport.smtp)
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.problem, path=source) from None
     if config.retry.max_backoff < config.retry.min_backoff:
@@ -215,10 +252,15 @@ type = "smtp"        # smtp | maildir (development: writes messages to a folder)
 [transport.smtp]
 host = "127.0.0.1"
 port = 25
-tls = "none"         # none | starttls | tls (certificates are verified)
-username = ""
+tls = "none"         # none | starttls | tls (certificates are verified); use "starttls"
+                     # (or "tls") for any server but a relay on this machine
+username = ""        # with tls = "none", AUTH needs allow_plaintext_auth = true
 password_env = "ESS_SMTP_PASSWORD"   # the password comes from this environment variable
-timeout = 30
+allow_plaintext_auth = false     # true: send the password unencrypted (a localhost relay)
+connect_timeout = 30             # seconds: connect, greeting, EHLO, STARTTLS, AUTH
+command_timeout = 300            # seconds for each reply to MAIL, RCPT, DATA, RSET, NOOP
+data_timeout = 180               # seconds for the server to take each block of the data
+final_reply_timeout = 600        # seconds for the reply to the end of the data (RFC 5321)
 # tls_ca_file = "/path/to/private-ca.pem"
 max_connections = 0              # 0 = one per sender
 max_per_second = 0               # 0 = no rate cap
