@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,9 +41,15 @@ def _send_at(value: object) -> float | None:
         return None
     if isinstance(value, datetime):
         return value.timestamp()  # a naive datetime is local time, as datetime says
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    raise MessageError("send_at", "must be a datetime or a POSIX timestamp")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise MessageError("send_at", "must be a datetime or a POSIX timestamp")
+    try:
+        when = float(value)
+    except OverflowError:  # an int beyond any float, e.g. 10**400
+        when = math.inf
+    if not math.isfinite(when):
+        raise MessageError("send_at", f"must be a finite timestamp, not {str(value)[:40]}")
+    return when
 
 
 def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
 import secrets
@@ -437,11 +438,44 @@ _REQUIRED = {"id": str, "mail_from": str, "recipients": list, "raw": str, "attem
              "created_at": (int, float)}
 
 
+# Times (POSIX seconds): a finite number, or null where optional. A NaN or an infinity
+# would never compare due in a timer heap; an int too big for a float cannot be a time.
+_TIMES = ("created_at", "next_attempt_at", "send_at", "last_attempt_at", "finished_at",
+          "held_at")
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> float:
+    raise _NonFinite(name)  # NaN, Infinity, -Infinity: not JSON, and never a record's
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)  # e.g. 1e400, which float() makes inf
+    return value
+
+
+def _is_time(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float: 10**400
+        return False
+
+
 def decode_record(data: bytes) -> dict[str, Any]:
+    """Parse and check a spool record; raise CorruptRecord (naming the key) otherwise."""
     if not data:
         raise CorruptRecord("empty file")
     try:
-        record = json.loads(data)
+        record = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite as exc:
+        raise CorruptRecord(f"non-finite number {str(exc)[:40]!r}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptRecord(f"not JSON: {exc}") from None
     if not isinstance(record, dict):
@@ -449,12 +483,23 @@ def decode_record(data: bytes) -> dict[str, Any]:
     for key, kind in _REQUIRED.items():
         if not isinstance(record.get(key), kind):  # type: ignore[arg-type]
             raise CorruptRecord(f"missing or malformed key {key!r}")
-    # Addresses go into SMTP commands as they are: nothing that could end or add a command.
-    if not record["recipients"] or not all(
-            isinstance(r, str) and _SAFE_ADDRESS.match(r) for r in record["recipients"]):
-        raise CorruptRecord("malformed key 'recipients'")
-    if not _SAFE_ADDRESS.match(record["mail_from"]):
-        raise CorruptRecord("malformed key 'mail_from'")
+    for key in _TIMES:
+        value = record.get(key)
+        if (value is not None or key == "created_at") and not _is_time(value):
+            raise CorruptRecord(f"malformed key {key!r}: not a finite time")
+    # Addresses go into SMTP commands as they are: nothing that could end or add a command,
+    # and nothing but ASCII unless the record says the message needs SMTPUTF8.
+    ascii_only = record.get("smtputf8") is not True
+    for key, addresses in (("recipients", record["recipients"]),
+                           ("mail_from", [record["mail_from"]])):
+        if not addresses:
+            raise CorruptRecord(f"malformed key {key!r}: no address")
+        for address in addresses:
+            if not (isinstance(address, str) and _SAFE_ADDRESS.match(address)):
+                raise CorruptRecord(f"malformed key {key!r}")
+            if ascii_only and not address.isascii():
+                raise CorruptRecord(f"malformed key {key!r}: non-ASCII address "
+                                    f"{address[:80]!r} in a record without smtputf8")
     if not ID_PATTERN.match(record["id"]):
         raise CorruptRecord("malformed key 'id'")
     return record
