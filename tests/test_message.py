@@ -42,6 +42,22 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"priority_typo": 1}, "priority_typo"),
 ]
 
+DATE = "Tue, 01 Dec 2026 10:00:00 +0100"
+# Issue 8 item 12: a Date or Message-ID in headers= was a bare ValueError from the email
+# package; a given one is checked and replaces the generated one, a bad one is named.
+BAD_GENERATED: list[tuple[dict[str, Any], str]] = [
+    ({"headers": {"Date": "yesterday"}}, "headers.Date"),
+    ({"headers": {"Date": DATE, "date": DATE}}, "headers.date"),
+    ({"headers": {"Message-ID": "no-brackets@example.com"}}, "headers.Message-ID"),
+    ({"headers": {"Message-ID": "<a@example.com>", "message-id": "<b@example.com>"}},
+     "headers.message-id"),
+    ({"headers": {"Sender": "a@example.com", "sender": "b@example.com"}}, "headers.sender"),
+    ({"headers": {"Resent-Date": "not a date"}}, "headers.Resent-Date"),
+    ({"headers": {"Content-Disposition": "inline"}}, "headers.Content-Disposition"),
+    ({"headers": {"Content-Language": "en"}}, "headers.Content-Language"),
+]
+BAD += BAD_GENERATED
+
 
 @pytest.mark.parametrize(("change", "field"), BAD)
 async def test_bad_input_names_field_and_writes_nothing(
@@ -98,3 +114,31 @@ async def test_hostile_attachment_filename_keeps_only_basename(tmp_path: Path) -
     raw = Client(tmp_path / "ws").spool.read(path)["raw"]
     assert 'filename="passwd"' in raw
     assert "../" not in raw
+
+
+@pytest.mark.parametrize(("change", "field"), BAD_GENERATED)
+def test_bad_generated_header_is_message_error(tmp_path: Path, change: dict[str, Any],
+                                               field: str) -> None:
+    """Issue 8 item 12: a bad or repeated Date / Message-ID (or another one-per-message
+    header) in headers= is a MessageError naming it, not a bare ValueError, and nothing is
+    written."""
+    with pytest.raises(MessageError) as info:
+        Client(tmp_path / "ws", config=make_config(25)).create_work(**{**BASE, **change})
+    assert info.value.field == field
+    assert not (tmp_path / "ws").exists() or not any(
+        p.is_file() for p in (tmp_path / "ws").rglob("*"))
+
+
+async def test_given_date_and_message_id_replace_generated(tmp_path: Path) -> None:
+    """Issue 8 item 12: headers= may give Date and Message-ID; each replaces the generated
+    one (the message has exactly one of each)."""
+    manager = Manager(tmp_path / "ws", config=make_config(25))
+    path = await manager.create_work(**BASE, headers={
+        "date": DATE, "Message-ID": "<order-42@shop.example>", "X-Campaign": "spring"})
+    record = manager.spool.read(path)
+    head = record["raw"].split("\r\n\r\n", 1)[0].split("\r\n")
+    assert [h for h in head if h.lower().startswith("date:")] == [f"Date: {DATE}"]
+    assert [h for h in head if h.lower().startswith("message-id:")] == [
+        "Message-ID: <order-42@shop.example>"]
+    assert record["message_id"] == "<order-42@shop.example>"
+    assert "X-Campaign: spring" in head

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email import policy
 from email.errors import NonASCIILocalPartDefect
-from email.headerregistry import Address, BaseHeader, HeaderRegistry
+from email.headerregistry import Address, BaseHeader, DateHeader, HeaderRegistry
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate, make_msgid, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,14 @@ MESSAGE_FIELDS = frozenset(
     {"to", "cc", "bcc", "from_", "reply_to", "subject", "body", "html", "headers",
      "attachments", "tags"}
 )
-# Headers that attributes own; setting them through ``headers`` would be ambiguous.
+# Headers that attributes own; setting them through ``headers`` would be ambiguous. So are
+# all Content-* headers: they describe the MIME structure built here (and would be lost).
 _RESERVED_HEADERS = frozenset(
-    {"to", "cc", "bcc", "from", "reply-to", "subject", "content-type",
-     "content-transfer-encoding", "mime-version"}
+    {"to", "cc", "bcc", "from", "reply-to", "subject", "mime-version"}
 )
+# Generated unless ``headers`` gives them (then theirs replaces ours, once checked).
+_GENERATED_HEADERS = ("date", "message-id")
+_MSG_ID = re.compile(r"^<[!-;=?A-~]+@[!-;=?A-~]+>$")  # RFC 5322 msg-id, no folding
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
 _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # In a header value: control characters (tab aside), line and paragraph separators and
@@ -198,12 +201,30 @@ def _headers(value: object) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise MessageError("headers", "must be a mapping of header name to value")
     result: dict[str, str] = {}
+    seen: set[str] = set()
     for key, val in value.items():
         if not isinstance(key, str) or not _HEADER_NAME.match(key):
             raise MessageError("headers", f"invalid header name {key!r}")
-        if key.lower() in _RESERVED_HEADERS:
+        lower = key.lower()
+        if lower in _RESERVED_HEADERS:
             raise MessageError(f"headers.{key}", "set through its own attribute instead")
-        result[key] = _check_text(f"headers.{key}", val, header=True)
+        if lower.startswith("content-"):
+            raise MessageError(f"headers.{key}", "Content-* headers describe the MIME "
+                               "structure, which body, html and attachments set")
+        text = _check_text(f"headers.{key}", val, header=True)
+        cls = _HEADERS[key]
+        if getattr(cls, "max_count", None) == 1 and lower in seen:
+            raise MessageError(f"headers.{key}", "given twice (a message has one at most)")
+        seen.add(lower)
+        if issubclass(cls, DateHeader):
+            try:
+                parsedate_to_datetime(text)
+            except (TypeError, ValueError):
+                raise MessageError(f"headers.{key}", f"not an RFC 5322 date: {text!r} "
+                                   "(e.g. 'Mon, 30 Nov 2026 15:59:42 +0000')") from None
+        if lower == "message-id" and not _MSG_ID.match(text):
+            raise MessageError(f"headers.{key}", f"not a message id <left@right>: {text!r}")
+        result[key] = text
     return result
 
 
@@ -261,10 +282,14 @@ def build_message(attrs: Mapping[str, Any],
         if addresses:
             msg[header] = _address_header(header, addresses)
     msg["Subject"] = subject
-    msg["Date"] = _parsed_header("Date", formatdate(localtime=False, usegmt=True))
-    msg["Message-ID"] = make_msgid(domain=sender.domain)
+    given = {key.lower(): val for key, val in headers.items()
+             if key.lower() in _GENERATED_HEADERS}
+    msg["Date"] = given.get("date") or _parsed_header(
+        "Date", formatdate(localtime=False, usegmt=True))
+    msg["Message-ID"] = given.get("message-id") or make_msgid(domain=sender.domain)
     for key, val in headers.items():
-        msg[key] = val
+        if key.lower() not in _GENERATED_HEADERS:
+            msg[key] = val
     # 7-bit transfer encodings keep the spooled text ASCII and need no 8BITMIME from the server.
     text = body if body is not None else ""
     msg.set_content(text, cte=_cte(text))
