@@ -142,3 +142,13 @@ async def test_given_date_and_message_id_replace_generated(tmp_path: Path) -> No
         "Message-ID: <order-42@shop.example>"]
     assert record["message_id"] == "<order-42@shop.example>"
     assert "X-Campaign: spring" in head
+
+
+def test_display_name_white_space_is_one_space(tmp_path: Path) -> None:
+    """A display name's white space is folding white space, sent as one space: the spool's
+    summary says what is sent (hypothesis found '0\\t0' arriving as '0 0')."""
+    client = Client(tmp_path / "ws", config=make_config(25))
+    path = client.create_work(**{**BASE, "to": '"Ann \t  Lee " <a@example.com>'})
+    record = client.spool.read(path)
+    assert record["to"] == ["Ann Lee <a@example.com>"]
+    assert "To: Ann Lee <a@example.com>\r\n" in record["raw"]

@@ -38,6 +38,7 @@ _RESERVED_HEADERS = frozenset(
 _GENERATED_HEADERS = ("date", "message-id")
 _MSG_ID = re.compile(r"^<[!-;=?A-~]+@[!-;=?A-~]+>$")  # RFC 5322 msg-id, no folding
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+_BLANKS = re.compile(r"[ \t]+")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # In a header value: control characters (tab aside), line and paragraph separators and
 # lone surrogates could split the header or fail to encode. In a body: NUL and surrogates.
@@ -141,7 +142,10 @@ def _parse_mailbox(text: str) -> Address | str:
         domain = _ascii_domain(addr.domain)
     except ValueError as exc:
         return str(exc)
-    return Address(display_name=addr.display_name, username=addr.username, domain=domain)
+    # White space in a display name is folding white space: it is sent (and read back) as
+    # one space, so keep it that way in the spool's summary too.
+    display = _BLANKS.sub(" ", addr.display_name).strip(" \t")
+    return Address(display_name=display, username=addr.username, domain=domain)
 
 
 def _address_header(name: str, addresses: list[Address]) -> Any:
