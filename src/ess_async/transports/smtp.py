@@ -107,6 +107,9 @@ class SMTPTransport(Transport):
                 return smtp
             except (aiosmtplib.SMTPException, OSError):
                 await self.close()
+            except BaseException:
+                self._abort()  # cancelled with the NOOP's reply unread
+                raise
         smtp = self._client()
         try:
             await smtp.connect()
