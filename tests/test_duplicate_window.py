@@ -1,0 +1,237 @@
+"""Issue 8: only the documented duplicate window. The journal, stop and error paths must
+not send a message twice, lose a retry or strand a message.
+
+Disk faults are real errors raised inside the real code paths by the error points of
+``ess_async.faults`` (an ``OSError(EIO)`` where the journal or the spool would get one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from ess_async import Client, Manager, faults
+from ess_async.journal import replay
+
+from .conftest import SMTPServer, make_config
+
+FAST_RETRY = {"min_backoff": 0.1, "max_backoff": 0.2}
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_faults() -> object:
+    yield
+    for point in faults.FAIL_POINTS:
+        faults.inject_failure(point, 0)
+
+
+def records(workspace: Path, state: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+
+
+async def test_compaction_keeps_entries_written_but_not_yet_synced(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """Issue 8 item 1: compaction between two fsyncs (a waiter woken, not yet running) must
+    not drop the waiter's ``accepted`` entry, which it is then told is durable."""
+    config = make_config(smtp_server.port, server={"journal_compact_after": 1})
+    manager = Manager(tmp_path / "ws", config=config)
+    run = manager._open_run()
+    try:
+        journal = run.journal
+        first = {"op": "accepted", "id": "00000000000000000001-naaaaaaaa", "at": 1.0,
+                 "code": 250, "reply": "OK", "refused": {}, "attempt": 1}
+        second = {**first, "id": "00000000000000000002-nbbbbbbbb"}
+        for entry in (first, second):
+            run.dispatcher.claimed[entry["id"]] = None
+
+        async def first_sender() -> None:
+            await journal.append_durable(first)
+            run.dispatcher.claimed[first["id"]] = first
+            manager._maybe_compact(run)  # what finishing a message does, before 2 runs
+
+        task = asyncio.create_task(first_sender())
+        await asyncio.sleep(0)  # the first sender is inside its fsync now
+        await asyncio.gather(task, journal.append_durable(second))
+        compaction = getattr(run, "compaction", None)
+        if compaction is not None:
+            await compaction
+        on_disk = replay(journal.path)
+        assert first["id"] in on_disk
+        assert second["id"] in on_disk  # it was promised durable
+    finally:
+        await manager._close_run(run)
+
+
+async def test_failed_accepted_write_never_requeues(tmp_path: Path,
+                                                   smtp_server: SMTPServer) -> None:
+    """Issue 8 item 2: an I/O error making the ``accepted`` entry durable after the 250
+    must not put the message back in the queue: it is recorded as passed directly."""
+    config = make_config(smtp_server.port)
+    async with Manager(tmp_path / "ws", spawn=1, config=config) as manager:
+        faults.inject_failure("journal_sync")
+        path = await manager.create_work(to="a@example.com", subject="once")
+        outcome = await manager.wait(path, timeout=20)
+        assert outcome.state == "passed"
+        await asyncio.sleep(1.5)  # the old code sent it again after a 1 s pause
+    assert smtp_server.handler.subjects() == ["once"]
+
+
+async def test_accepted_message_is_recorded_when_the_disk_allows(
+        tmp_path: Path, smtp_server: SMTPServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 8 items 2 and 12: neither the journal nor the passed record can be written
+    after the 250; the acceptance is kept in memory and the record written once the disk
+    works again (logged and counted), never sent twice."""
+    caplog.set_level(logging.INFO, logger="ess_async")
+    config = make_config(smtp_server.port)
+    async with Manager(tmp_path / "ws", spawn=1, config=config) as manager:
+        faults.inject_failure("journal_sync")
+        faults.inject_failure("spool_commit", 2)  # the first retry fails too
+        path = await manager.create_work(to="a@example.com", subject="once")
+        outcome = await manager.wait(path, timeout=20)
+        assert outcome.state == "passed"
+        assert outcome.code == 250
+        assert manager._run is not None
+        assert manager._run.dispatcher.summary.passed == 1
+    assert smtp_server.handler.subjects() == ["once"]
+    assert records(tmp_path / "ws", "queued") == records(tmp_path / "ws", "active") == []
+    assert "now recorded" in caplog.text or "record is written now" in caplog.text
+
+
+async def test_partially_deferred_message_is_retried_while_serving(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """Issue 8 item 5: a 4xx for one recipient while the other accepted sets a retry timer
+    (the old code left it in deferred/ until a restart)."""
+    smtp_server.handler.rcpt_replies["b@example.com"] = ["450 4.2.0 try later"]
+    config = make_config(smtp_server.port, retry=FAST_RETRY)
+    async with Manager(tmp_path / "ws", spawn=1, config=config) as manager:
+        path = await manager.create_work(to=["a@example.com", "b@example.com"], subject="x")
+        outcome = await manager.wait(path, timeout=15)
+    assert outcome.state == "passed"
+    assert [m.rcpt_tos for m in smtp_server.handler.messages] == [["a@example.com"],
+                                                                  ["b@example.com"]]
+
+
+async def test_failed_commit_of_a_deferral_keeps_its_timer(tmp_path: Path,
+                                                           smtp_server: SMTPServer) -> None:
+    """Issue 8 item 6: the group commit of a deferred record fails; the message still gets
+    its retry timer (the old code left it with none until a restart)."""
+    smtp_server.handler.data_replies.append("451 4.3.0 later")
+    config = make_config(smtp_server.port, retry=FAST_RETRY)
+    async with Manager(tmp_path / "ws", spawn=1, config=config) as manager:
+        faults.inject_failure("spool_commit")
+        path = await manager.create_work(to="a@example.com", subject="x")
+        outcome = await manager.wait(path, timeout=15)
+    assert outcome.state == "passed"
+    assert outcome.attempts == 2
+
+
+async def test_failed_claim_write_does_not_strand_the_message(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """Issue 8 item 7: the journal write of a claim fails; the claim is undone and the
+    message offered again (the old code kept its id claimed for the whole run)."""
+    config = make_config(smtp_server.port)
+    async with Manager(tmp_path / "ws", spawn=1, config=config) as manager:
+        faults.inject_failure("journal_write")
+        path = await manager.create_work(to="a@example.com", subject="x")
+        outcome = await manager.wait(path, timeout=15)
+    assert outcome.state == "passed"
+    assert smtp_server.handler.subjects() == ["x"]
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e400"])
+async def test_non_finite_time_is_quarantined_and_timers_go_on(
+        tmp_path: Path, smtp_server: SMTPServer, bad: str) -> None:
+    """Issue 8 item 8: a non-finite next_attempt_at is a corrupt record (quarantined); it
+    must not wedge the timers (the old code never sent a good message due in 1 s)."""
+    ws = tmp_path / "ws"
+    config = make_config(smtp_server.port)
+    client = Client(ws, config=config)
+    hostile = client.create_work(to="a@example.com", subject="hostile")
+    good = client.create_work(to="a@example.com", subject="good")
+    for path, due in ((hostile, bad), (good, "0.5")):
+        record = json.loads(path.read_text())
+        record.update(state="deferred", attempts=1, next_attempt_at="DUE")
+        text = json.dumps(record).replace('"DUE"', due)
+        (ws / "deferred" / path.name).write_text(text)
+        path.unlink()
+    async with Manager(ws, spawn=1, config=config) as manager:
+        outcome = await manager.wait(good, timeout=15)
+        assert outcome.state == "passed"
+        corrupt = await manager.wait(hostile, timeout=5)
+        assert corrupt.state == "corrupt"
+    assert smtp_server.handler.subjects() == ["good"]
+
+
+async def test_two_waits_on_one_id_are_both_woken(tmp_path: Path,
+                                                 smtp_server: SMTPServer) -> None:
+    """Issue 8 item 12: one wait() ending must not unregister another wait() on the same
+    id (which then fell back to polling)."""
+    config = make_config(smtp_server.port)
+    manager = Manager(tmp_path / "ws", config=config)
+    path = await manager.create_work(to="a@example.com", subject="x")
+    second = asyncio.create_task(manager.wait(path, timeout=10))
+    with pytest.raises(TimeoutError):
+        await manager.wait(path, timeout=0.05)
+    assert path.stem in manager._waiters  # the second caller is still registered
+    await manager.process_workload()
+    assert (await second).state == "passed"
+    assert manager._waiters == {}
+
+
+async def test_idle_stop_does_not_claim_in_flight_sends(
+        tmp_path: Path, smtp_server: SMTPServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 8 item 12: stopping an idle server does not log in-flight sends."""
+    caplog.set_level(logging.INFO, logger="ess_async")
+    async with Manager(tmp_path / "ws", spawn=3, config=make_config(smtp_server.port)) as m:
+        await m.wait(await m.create_work(to="a@example.com", subject="x"), timeout=10)
+    assert "in-flight" not in caplog.text
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_failed_start_closes_what_it_opened(tmp_path: Path,
+                                                 smtp_server: SMTPServer) -> None:
+    """Issue 8 item 12: a start that fails after opening the journal (here: the delivery
+    log cannot be opened) must not leak its descriptors or keep the lock."""
+    ws = tmp_path / "ws"
+    config = make_config(smtp_server.port, server={"delivery_log": True})
+    (ws / "delivery.log").mkdir(parents=True)  # cannot be opened for writing
+    manager = Manager(ws, config=config)
+    manager.create_config()
+    before = _open_fds()
+    for _ in range(3):
+        with pytest.raises(IsADirectoryError):
+            await manager.process_workload()
+    assert _open_fds() == before
+
+
+async def test_stop_while_waiting_for_the_final_reply_is_outcome_unknown(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """Issue 8 item 3(a): the grace deadline cancels a send that is waiting for the reply
+    to its final dot. The message may have been delivered: it is recorded as outcome
+    unknown and deferred (the old code put it back in queued/ untouched, and the next run
+    sent it again at once)."""
+    handler = smtp_server.handler
+    handler.hold.add("DATA")
+    ws = tmp_path / "ws"
+    config = make_config(smtp_server.port, server={"grace": 0.2})
+    manager = Manager(ws, spawn=1, config=config)
+    async with manager:
+        path = await manager.create_work(to="a@example.com", subject="slow")
+        await asyncio.to_thread(handler.held.wait, 10)
+    handler.release.set()  # (aiosmtpd drops the held reply with the closed connection)
+    (record,) = records(ws, "deferred")
+    assert record["id"] == path.stem
+    assert record["attempts"] == 1
+    assert record["last_error"]["outcome_unknown"] is True
+    assert records(ws, "queued") == records(ws, "active") == []
+    summary = await Manager(ws, config=config).process_workload()  # not due yet
+    assert summary.total == 0
+    assert handler.peers == []  # no second DATA
