@@ -70,19 +70,25 @@ class DeliveryError(EssError):
     when every recipient was refused; ``phase`` is the SMTP step that failed;
     ``outcome_unknown`` means the connection was lost
     after the message data was sent, so the server may have accepted it.
+    ``destination`` marks a failure of the relay or of this client's configuration rather
+    than of the message (cannot connect, TLS or greeting failure, authentication, a
+    ``530``/``5.7.x`` policy reply about the client): the message is not charged an
+    attempt and the destination is backed off instead.
     """
 
     temporary: bool = True
 
     def __init__(self, message: str, *, code: int | None = None, pushback: bool = False,
                  refused: dict[str, tuple[int, str]] | None = None,
-                 outcome_unknown: bool = False, phase: str | None = None) -> None:
+                 outcome_unknown: bool = False, phase: str | None = None,
+                 destination: bool = False) -> None:
         self.code = code
         self.phase = phase  # the SMTP step that failed: CONNECT, MAIL, RCPT or DATA
         self.message = message
         self.pushback = pushback
         self.refused = refused or {}
         self.outcome_unknown = outcome_unknown
+        self.destination = destination
         super().__init__(f"{code} {message}" if code else message)
 
 
