@@ -40,7 +40,7 @@ async def test_compaction_keeps_entries_written_but_not_yet_synced(
     not drop the waiter's ``accepted`` entry, which it is then told is durable."""
     config = make_config(smtp_server.port, server={"journal_compact_after": 1})
     manager = Manager(tmp_path / "ws", config=config)
-    run = manager._open_run()
+    run = await manager._open_run()
     try:
         journal = run.journal
         first = {"op": "accepted", "id": "00000000000000000001-naaaaaaaa", "at": 1.0,

@@ -31,7 +31,7 @@ from .ops import QueueOps
 from .outcome import Outcome, message_id
 from .retry import RetryPolicy
 from .sender import Dispatcher, WorkItem, WorkloadSummary
-from .spool import FINAL_STATES, CorruptRecord, Spool, priority_rank
+from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
 from .throttle import Throttle
 from .transports import Transport, create_transport
 from .watcher import watch_queued
@@ -43,7 +43,7 @@ logger = logging.getLogger("ess_async.manager")
 JOURNAL_NAME = "journal.log"
 _RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
 _PRUNE_SECONDS = 600.0  # retention runs this often while serving
-_CHUNK = 5_000  # ids offered or timed per event-loop step (keeps each step short)
+_CHUNK = 1_000  # ids offered or timed per event-loop step (keeps each step short)
 
 
 def default_workspace() -> Path:
@@ -92,6 +92,7 @@ class Manager:
         self._lock = WorkspaceLock(self.workspace)
         self._ensured = False
         self._run: _Run | None = None
+        self._opening = False
         self._serve_task: asyncio.Task[WorkloadSummary] | None = None
         self.workers: list[asyncio.Task[None]] = []
         self._commit = GroupCommit(Enqueuer(self.spool)).commit
@@ -191,9 +192,22 @@ class Manager:
 
     # -- opening and closing a delivery run ------------------------------------------
 
-    def _open_run(self) -> _Run:
-        if self._run is not None:
+    async def _open_run(self) -> _Run:
+        if self._run is not None or self._opening:
             raise EssError("this manager is already delivering")
+        self._opening = True
+        try:
+            # Recovery and compaction read and sync files: off the loop.
+            dispatcher, journal = await asyncio.to_thread(self._recover_and_open)
+        finally:
+            self._opening = False
+        run = _Run(dispatcher, journal)
+        dispatcher.on_deferred = lambda msg_id, due: self._schedule(run, msg_id, due)
+        dispatcher.on_finished = lambda msg_id, state: self._finished(run, msg_id)
+        self._run = run
+        return run
+
+    def _recover_and_open(self) -> tuple[Dispatcher, Journal]:
         self._ensure()
         self._lock.acquire()
         journal: Journal | None = None
@@ -224,11 +238,7 @@ class Manager:
                 log.close()
             self._lock.release()
             raise
-        run = _Run(dispatcher, journal)
-        dispatcher.on_deferred = lambda msg_id, due: self._schedule(run, msg_id, due)
-        dispatcher.on_finished = lambda msg_id, state: self._finished(run, msg_id)
-        self._run = run
-        return run
+        return dispatcher, journal
 
     async def _close_run(self, run: _Run) -> None:
         journal = run.journal
@@ -258,7 +268,7 @@ class Manager:
 
     async def cleanup(self) -> dict[str, int]:
         """Requeue claimed-but-unfinished messages (refused while a deliverer runs)."""
-        run = self._open_run()
+        run = await self._open_run()
         try:
             return dict(self.last_recovery)
         finally:
@@ -285,7 +295,12 @@ class Manager:
             with contextlib.suppress(OSError):
                 self.spool.quarantine(stray, "not a message file name")
                 logger.warning("quarantined stray spool entry %s", stray.name)
-        return self.spool.ids("queued")
+        # Unsorted: the priority queue orders them, and sorting 200k names in one C call
+        # would hold the GIL (and so the event loop) for tens of milliseconds.
+        with contextlib.suppress(FileNotFoundError):
+            return [name[:-5] for name in os.listdir(self.spool.dir("queued"))
+                    if name.endswith(".json") and ID_PATTERN.match(name[:-5])]
+        return []
 
     async def _scan_queued(self, run: _Run) -> None:
         """Offer everything in ``queued/``; the folder is listed off the loop."""
@@ -489,7 +504,7 @@ class Manager:
         self, *, progress: Callable[[WorkloadSummary], None] | None = None,
     ) -> WorkloadSummary:
         """Deliver every message that is due now, then return what happened."""
-        run = self._open_run()
+        run = await self._open_run()
         try:
             await self._load_waiting(run, "deferred")
             await self._load_waiting(run, "scheduled")
@@ -507,7 +522,7 @@ class Manager:
 
     async def delegate_workload(self, *, handle_signals: bool = True) -> WorkloadSummary:
         """Deliver until ``stop()``, SIGTERM or SIGINT; then stop gracefully."""
-        return await self._serve(self._open_run(), handle_signals=handle_signals)
+        return await self._serve(await self._open_run(), handle_signals=handle_signals)
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
         loop = asyncio.get_running_loop()
@@ -580,7 +595,7 @@ class Manager:
     # -- embedding -------------------------------------------------------------------
 
     async def __aenter__(self) -> Manager:
-        run = self._open_run()
+        run = await self._open_run()
         self._serve_task = asyncio.create_task(self._serve(run, handle_signals=False))
         return self
 
