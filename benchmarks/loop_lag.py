@@ -5,40 +5,61 @@ one message (once), starts a Manager whose transport never finishes a send, and 
 how long it took to offer the backlog and the longest gap seen by a 5 ms ticker task.
 """
 
-import asyncio, os, sys, time, json
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
 from pathlib import Path
-from ess_async import Manager, Client
-from ess_async.transports import Transport, SendResult
+
+from ess_async import Client, Manager
 from ess_async.spool import new_id
+from ess_async.transports import SendResult, Transport
 
-ws = Path(sys.argv[1]); n = int(sys.argv[2])
-client = Client(ws)
-p = client.create_work(to="a@example.com", subject="x", from_="s@example.com")
-data = p.read_bytes()
-q = ws / "queued"
-if len(os.listdir(q)) < n:
-    for i in range(n):
-        mid = new_id()
-        (q / f"{mid}.json").write_bytes(data.replace(p.stem.encode(), mid.encode()))
 
-class Never(Transport):
-    async def send(self, *a, **k):
+class NeverFinishes(Transport):
+    async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
+                   smtputf8: bool = False) -> SendResult:
         await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
-T0 = time.perf_counter()
-async def main():
-    lags = []
-    stop = False
-    async def ticker():
-        while not stop:
-            t = time.perf_counter(); await asyncio.sleep(0.005); lags.append(time.perf_counter() - t - 0.005); None
-    tk = asyncio.create_task(ticker())
-    m = Manager(ws, spawn=1, transport_factory=Never)
-    t0 = time.perf_counter()
-    async with m:
-        while m._run is None or m._run.queue.qsize() < n - 5:
+
+def fill(workspace: Path, count: int) -> None:
+    queued = workspace / "queued"
+    if queued.is_dir() and len(os.listdir(queued)) >= count:
+        return
+    path = Client(workspace).create_work(to="a@example.com", subject="x",
+                                         from_="s@example.com")
+    data = path.read_bytes()
+    for _ in range(count):
+        msg_id = new_id()
+        (queued / f"{msg_id}.json").write_bytes(data.replace(path.stem.encode(),
+                                                             msg_id.encode()))
+
+
+async def measure(workspace: Path, count: int) -> None:
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - start - 0.005)
+
+    tick = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    async with Manager(workspace, spawn=1, transport_factory=NeverFinishes) as manager:
+        while manager._run is None or manager._run.queue.qsize() < count:
             await asyncio.sleep(0.05)
-        print("offered", m._run.queue.qsize(), "in %.2fs" % (time.perf_counter() - t0))
-    stop = True; await tk
-    print("max loop lag %.1f ms" % (max(lags) * 1000))
-asyncio.run(main())
+        print(f"offered {manager._run.queue.qsize()} in {time.perf_counter() - started:.2f} s")
+    done.set()
+    await tick
+    print(f"longest loop lag {max(lags) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    ws, n = Path(sys.argv[1]), int(sys.argv[2])
+    fill(ws, n)
+    asyncio.run(measure(ws, n))
