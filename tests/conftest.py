@@ -52,9 +52,21 @@ class RecordingHandler:
     held: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     delays: dict[str, float] = field(default_factory=dict)
+    # ``hold_after``: how many of a held command go through before the hold starts.
+    hold_after: dict[str, int] = field(default_factory=dict)
+    # Issue 9: ``mail_replies`` are consumed one per MAIL (then "250 OK"; a 250 starts
+    # the transaction); ``rcpt_limit`` > 0 answers ``rcpt_limit_reply`` to RCPTs beyond
+    # it in one transaction, as Postfix's smtpd_recipient_limit does; ``transactions``
+    # counts the MAIL commands accepted.
+    mail_replies: deque[str] = field(default_factory=deque)
+    rcpt_limit: int = 0
+    rcpt_limit_reply: str = "452 4.5.3 Error: too many recipients"
+    transactions: int = 0
 
     async def _pause(self, command: str) -> None:
-        if command in self.hold:
+        if self.hold_after.get(command, 0) > 0:
+            self.hold_after[command] -= 1
+        elif command in self.hold:
             self.held.set()
             while not self.release.is_set():
                 await asyncio.sleep(0.01)
@@ -65,8 +77,19 @@ class RecordingHandler:
         self.quits.append(session.peer)
         return "221 Bye"
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        reply = self.mail_replies.popleft() if self.mail_replies else "250 OK"
+        if not reply.startswith("250"):
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        self.transactions += 1
+        return reply
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         await self._pause("RCPT")
+        if self.rcpt_limit and len(envelope.rcpt_tos) >= self.rcpt_limit:
+            return self.rcpt_limit_reply
         scripted = self.rcpt_replies.get(address)
         if isinstance(scripted, list):
             scripted = scripted.pop(0) if scripted else None

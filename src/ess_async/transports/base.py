@@ -31,9 +31,25 @@ class Transport(ABC):
     receiver (the end of DATA was written) until its reply has been read: a send that is
     cancelled or fails while it is True may have been delivered (outcome unknown), one
     that ends while it is False was certainly not.
+
+    ``partial`` is None at the start of each ``send`` and stays None until a transaction
+    of that send is accepted (a final 2xx). From then on it is the SendResult the send
+    would return if it ended at that point: the message was delivered to every recipient
+    not in its ``refused``; the others are in ``refused`` with their own refusal or with a
+    4xx (not sent yet, or, while a later transaction's final reply is pending, outcome
+    unknown), so they are retried later for themselves alone. A message goes out in more
+    than one transaction when the server limits the recipients per transaction (SMTP
+    452 "too many recipients"); ``code`` and ``message`` are the last accepted final
+    reply. Once ``partial`` is set, ``send`` never raises a DeliveryError (a later
+    transaction's failure is returned as refusals), so it is only meaningful when a send
+    is cancelled (or interrupted by another BaseException): a sender cancelled while
+    ``partial`` is set must finish the message as accepted with ``partial`` (never
+    requeue it, never record the whole message as outcome unknown); ``partial`` takes
+    precedence over ``outcome_pending``. After a send returns, ``partial`` is its result.
     """
 
     outcome_pending: bool = False
+    partial: SendResult | None = None
 
     @abstractmethod
     async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,

@@ -14,10 +14,14 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
+from .. import replies
 from ..config import SmtpConfig, check_plaintext_auth
 from ..errors import PermanentDeliveryError, TemporaryDeliveryError
 from ..faults import crash_point
@@ -34,17 +38,28 @@ _IDLE_CHECK_SECONDS = 10.0
 _DATA_BLOCK = 64 * 1024
 
 
-def _is_pushback(code: int, message: str) -> bool:
-    """421 (closing), and 451/452 saying "too many": the server wants fewer of us."""
-    return code == 421 or (code in (450, 451, 452) and "too many" in message.lower())
+# Synthesised refusals (code, reply) for recipients a later transaction did not reach:
+# the message was delivered to the earlier ones, so send() returns and these are retried.
+_NOT_SENT = "4.5.3 not sent yet: an earlier transaction took the other recipients"
+_OUTCOME_UNKNOWN = ("4.4.2 outcome unknown: the connection was lost (or send was stopped) "
+                    "after this transaction's message data was sent; the server may have it")
 
 
 def _error_from_code(code: int, message: str, phase: str | None = None,
                      ) -> TemporaryDeliveryError | PermanentDeliveryError:
+    kind = replies.classify(code, message, phase)
+    if kind is replies.ReplyKind.CLIENT_POLICY:
+        # A configuration problem, not the message's: never failed, the destination is
+        # backed off instead.
+        hint = replies.client_policy_hint(message)
+        return TemporaryDeliveryError(
+            f"the relay refuses this client ({code} {message}): {hint}; messages stay "
+            "deferred until the configuration is fixed",
+            code=code, phase=phase, destination=True)
     if 500 <= code < 600:
         return PermanentDeliveryError(message, code=code, phase=phase)
     return TemporaryDeliveryError(message, code=code, phase=phase,
-                                  pushback=_is_pushback(code, message))
+                                  pushback=kind is replies.ReplyKind.PUSHBACK)
 
 
 def _refused_error(
@@ -57,9 +72,42 @@ def _refused_error(
     if temporary:
         return TemporaryDeliveryError(
             f"all recipients refused: {detail}", code=min(temporary), refused=refused,
-            phase="RCPT", pushback=any(_is_pushback(c, t) for c, t in refused.values()))
+            phase="RCPT",
+            pushback=any(replies.is_pushback(c, t, "RCPT") for c, t in refused.values()))
     return PermanentDeliveryError(f"all recipients refused: {detail}", code=max(codes),
                                   refused=refused, phase="RCPT")
+
+
+def _later_refusal(code: int, message: str, phase: str) -> tuple[int, str]:
+    """The refusal recorded for recipients a later transaction did not deliver to: the
+    reply's own, or a 451 for a garbled reply or one about the client (never a 5xx that
+    would fail them for a configuration problem)."""
+    if not 400 <= code < 600 or replies.classify(
+            code, message, phase) is replies.ReplyKind.CLIENT_POLICY:
+        return (451, f"{code} {message}" if code >= 0 else message)
+    return (code, message)
+
+
+@dataclass
+class _Progress:
+    """Where a send is among its transactions (more than one when the server limits the
+    recipients per transaction)."""
+
+    untried: deque[str]  # no RCPT sent for them yet in an open transaction
+    batch: list[str] = field(default_factory=list)  # accepted at RCPT, transaction open
+    delivered: list[str] = field(default_factory=list)  # in an accepted transaction
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)  # their own refusal
+    accepted: SMTPResponse | None = None  # the last accepted transaction's final reply
+
+    def result(self, rest: tuple[int, str] | None = None) -> SendResult:
+        """The message so far: recipients of the open transaction and those not tried yet
+        are refused with ``rest``."""
+        assert self.accepted is not None
+        refused = dict(self.refused)
+        if rest is not None:
+            refused.update((rcpt, rest) for rcpt in (*self.batch, *self.untried))
+        return SendResult(code=self.accepted.code, message=self.accepted.message,
+                          refused=refused)
 
 
 class SMTPTransport(Transport):
@@ -69,7 +117,9 @@ class SMTPTransport(Transport):
         check_plaintext_auth(config)
         self.config = config
         self.outcome_pending = False
+        self.partial: SendResult | None = None
         self._smtp: aiosmtplib.SMTP | None = None
+        self._policy_logged = False  # a CLIENT_POLICY reply was logged on this connection
         self._last_used = 0.0
         self._sent_on_connection = 0
         # max_messages_per_connection reached: close before the next send, never between
@@ -111,45 +161,54 @@ class SMTPTransport(Transport):
                 self._abort()  # cancelled with the NOOP's reply unread
                 raise
         smtp = self._client()
+        # Every failure here is the relay's or this client's configuration, not the
+        # message's (``destination``): the sender backs off the destination instead of
+        # charging the message an attempt.
         try:
             await smtp.connect()
         except aiosmtplib.SMTPAuthenticationError as exc:
             smtp.close()
             # Bad credentials will not fix themselves, but the queue must not be
             # emptied into failed/ by a configuration mistake: defer instead.
-            raise TemporaryDeliveryError(f"authentication failed: {exc.message}",
-                                         code=exc.code, phase="CONNECT") from None
+            raise TemporaryDeliveryError(
+                f"authentication failed: {exc.message} (check [transport.smtp] username "
+                "and password_env)", code=exc.code, phase="CONNECT",
+                destination=True) from None
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
-            raise TemporaryDeliveryError(exc.message, code=exc.code, phase="CONNECT",
-                                         pushback=_is_pushback(exc.code, exc.message)) from None
+            raise TemporaryDeliveryError(
+                exc.message, code=exc.code, phase="CONNECT", destination=True,
+                pushback=replies.is_pushback(exc.code, exc.message, "CONNECT")) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             refused = isinstance(exc, ConnectionRefusedError) or isinstance(
                 exc.__cause__, ConnectionRefusedError) or "refused" in str(exc).lower()
             raise TemporaryDeliveryError(
                 f"cannot connect to {self.config.host}:{self.config.port}: {exc}",
-                pushback=refused, phase="CONNECT") from None
+                pushback=refused, phase="CONNECT", destination=True) from None
         self._smtp = smtp
         self._sent_on_connection = 0
         self._recycle = False
+        self._policy_logged = False
         return smtp
 
     async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
                    smtputf8: bool = False) -> SendResult:
         self.outcome_pending = False
+        self.partial = None
         encoding = "utf-8" if smtputf8 else "ascii"
         try:
             # Encoded before MAIL FROM, so a bad address never leaves a transaction open.
             sender = mail_from.encode(encoding)
-            rcpts = [rcpt.encode(encoding) for rcpt in recipients]
+            encoded = {rcpt: rcpt.encode(encoding) for rcpt in recipients}
         except UnicodeEncodeError:
             raise PermanentDeliveryError(
                 "an address is not ASCII, but the message is not marked smtputf8",
                 phase="MAIL") from None
         smtp = await self._connection()
         phase = "MAIL"
-        refused: dict[str, tuple[int, str]] = {}
+        progress = _Progress(untried=deque(dict.fromkeys(recipients)))
+        failure: SMTPResponse | None = None  # a refused end of data
         try:
             if smtp.is_ehlo_or_helo_needed:
                 try:
@@ -166,65 +225,154 @@ class SMTPTransport(Transport):
             # Addresses were validated when queued and again when read from the spool
             # (no CR, LF, < or >), so the commands are sent as they are.
             timeout = self.config.command_timeout
-            reply = await smtp.execute_command(
-                b"MAIL", b"FROM:<" + sender + b">",
-                *(option.encode("ascii") for option in options), timeout=timeout)
-            if reply.code != 250:
-                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
-            crash_point("after_mail_from")
-            phase = "RCPT"
-            for rcpt, encoded in zip(recipients, rcpts, strict=True):
-                reply = await smtp.execute_command(b"RCPT", b"TO:<" + encoded + b">",
-                                                   timeout=timeout)
-                if reply.code not in (250, 251):
-                    refused[rcpt] = (reply.code, reply.message)
-            if len(refused) == len(recipients):
-                await smtp.rset(timeout=timeout)
-                response = None
-            else:
+            # One transaction per round; more when the server limits the recipients per
+            # transaction (RFC 5321 section 4.5.3.1.10), all on this connection.
+            while progress.untried:
+                phase = "MAIL"
+                reply = await smtp.execute_command(
+                    b"MAIL", b"FROM:<" + sender + b">",
+                    *(option.encode("ascii") for option in options), timeout=timeout)
+                if reply.code != 250:
+                    raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
+                crash_point("after_mail_from")
+                phase = "RCPT"
+                await self._recipients(smtp, progress, encoded)
+                if not progress.batch:
+                    await smtp.rset(timeout=timeout)  # nobody accepted in this one
+                    continue
                 phase = "DATA"
-                response = await self._data(smtp, raw)
+                # Once an earlier transaction was accepted, a stop while waiting for this
+                # one's final reply leaves this batch outcome unknown, the rest not sent.
+                unknown = None
+                if progress.accepted is not None:
+                    unknown = progress.result((451, _OUTCOME_UNKNOWN))
+                    unknown.refused.update(
+                        (rcpt, (451, _NOT_SENT)) for rcpt in progress.untried)
+                    self.partial = progress.result((451, _NOT_SENT))
+                response = await self._data(smtp, raw, unknown)
+                self._last_used = time.monotonic()
+                if not 200 <= response.code < 300:
+                    failure = response  # the final reply ends the transaction: no RSET
+                    break
+                progress.delivered += progress.batch
+                progress.batch = []
+                progress.accepted = response
+                self.partial = progress.result((451, _NOT_SENT))
         except PermanentDeliveryError:
             raise  # no SMTPUTF8: found before MAIL FROM, nothing to undo
         except aiosmtplib.SMTPResponseException as exc:
-            error = _error_from_code(exc.code, exc.message, phase)
             if exc.code == 421 or exc.code < 0:
                 self._abort()  # 421: the server is closing it; < 0: a garbled reply
             else:
                 await self._reset()
-            raise error from None
+            if progress.accepted is not None:
+                return self._finished(progress, _later_refusal(exc.code, exc.message, phase))
+            raise self._error(exc.code, exc.message, phase) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             # Lost or timed out after the end of the data: the server may have it.
-            unknown = self.outcome_pending
+            unknown_outcome = self.outcome_pending
             self._abort()
+            if progress.accepted is not None:
+                if unknown_outcome:  # the outcome-unknown window of a later transaction
+                    progress.refused.update(
+                        (rcpt, (451, _OUTCOME_UNKNOWN)) for rcpt in progress.batch)
+                    progress.batch = []
+                    return self._finished(progress, (451, _NOT_SENT))
+                return self._finished(progress, (
+                    451, f"4.4.2 not sent: connection lost during {phase}: {exc}"))
             raise TemporaryDeliveryError(f"connection lost during {phase}: {exc}",
-                                         outcome_unknown=unknown, phase=phase) from None
+                                         outcome_unknown=unknown_outcome,
+                                         phase=phase) from None
+        except Exception as exc:
+            # Unexpected (a hostile record, a bug): the connection is dropped at once.
+            self._abort()
+            if progress.accepted is None:
+                raise
+            # An earlier transaction was accepted: that delivery must be recorded.
+            logger.exception("unexpected error after a transaction was accepted")
+            return self._finished(progress, (451, f"4.3.0 not sent: internal error {exc!r}"))
         except BaseException:
-            # Cancelled, or anything unexpected (a hostile record, a bug): the transaction
-            # may be open or a reply unread, so the connection is dropped at once, never
-            # left for the next message to meet (503 nested MAIL). ``outcome_pending``
-            # still says whether the end of the data went out.
+            # Cancelled: the transaction may be open or a reply unread, so the connection
+            # is dropped at once, never left for the next message to meet (503 nested
+            # MAIL). ``outcome_pending`` still says whether the end of the data went out,
+            # ``partial`` what earlier transactions delivered.
             self._abort()
             raise
         # Nothing is awaited from here on: a 250 read is a 250 returned.
         self._last_used = time.monotonic()
-        if response is None:
-            raise _refused_error(refused)
-        if not 200 <= response.code < 300:
-            # The final reply ends the transaction: no RSET needed.
-            if response.code == 421:
+        if failure is not None:
+            if failure.code == 421:
                 self._abort()  # the server is closing this connection
-            raise _error_from_code(response.code, response.message, "DATA")
+            if progress.accepted is not None:
+                return self._finished(
+                    progress, _later_refusal(failure.code, failure.message, "DATA"))
+            raise _error_from_code(failure.code, failure.message, "DATA")
+        if progress.accepted is None:
+            raise _refused_error(progress.refused)
         self._sent_on_connection += 1
         limit = self.config.max_messages_per_connection
         if limit and self._sent_on_connection >= limit:
             self._recycle = True  # closed at the next send() or close()
-        return SendResult(code=response.code, message=response.message, refused=refused)
+        return self._finished(progress, None)
 
-    async def _data(self, smtp: aiosmtplib.SMTP, raw: bytes) -> aiosmtplib.SMTPResponse:
+    def _finished(self, progress: _Progress, rest: tuple[int, str] | None) -> SendResult:
+        """The result of a send that delivered to at least one transaction's recipients;
+        ``rest``: the refusal of those left (a later transaction failed)."""
+        result = progress.result(rest)
+        self.partial = result
+        self.outcome_pending = False  # what is unknown is in ``refused`` now
+        if rest is not None:
+            logger.warning("delivered to %d recipient(s); %d left for later: %s %s",
+                           len(progress.delivered), len(result.refused), *rest)
+        return result
+
+    async def _recipients(self, smtp: aiosmtplib.SMTP, progress: _Progress,
+                          encoded: dict[str, bytes]) -> None:
+        """RCPT for ``progress.untried`` in the open transaction, until the server's
+        recipient limit. Refusals of a recipient go to ``progress.refused``."""
+        untried = progress.untried
+        tried = 0  # recipients this transaction has answered for
+        while untried:
+            reply = await smtp.execute_command(
+                b"RCPT", b"TO:<" + encoded[untried[0]] + b">",
+                timeout=self.config.command_timeout)
+            code, text = reply.code, reply.message
+            if code in (250, 251):
+                progress.batch.append(untried.popleft())
+                tried += 1
+                continue
+            kind = replies.classify(code, text, "RCPT")
+            if code < 0 or code == 421 or kind is replies.ReplyKind.CLIENT_POLICY:
+                # Not about this recipient (a garbled reply, the server closing, 530):
+                # the whole attempt stops here.
+                raise aiosmtplib.SMTPResponseException(code, text)
+            if kind is replies.ReplyKind.RECIPIENT_LIMIT and tried:
+                return  # the rest go in the next transaction
+            if kind in (replies.ReplyKind.RECIPIENT_LIMIT, replies.ReplyKind.PUSHBACK):
+                # The limit at a transaction's first RCPT (no transaction gets further
+                # now), or the server wants less of us: the rest wait for the retry
+                # schedule (a 552 "too many recipients" is temporary, RFC 5321 4.5.3.1.10).
+                refusal = (452 if code >= 500 else code, text)
+                progress.refused.update((rcpt, refusal) for rcpt in untried)
+                untried.clear()
+                return
+            progress.refused[untried.popleft()] = (code, text)
+            tried += 1
+
+    def _error(self, code: int, message: str,
+               phase: str) -> TemporaryDeliveryError | PermanentDeliveryError:
+        error = _error_from_code(code, message, phase)
+        if error.destination and not self._policy_logged:
+            self._policy_logged = True  # once per connection
+            logger.error("%s:%s at %s: %s", self.config.host, self.config.port, phase,
+                         error.message)
+        return error
+
+    async def _data(self, smtp: aiosmtplib.SMTP, raw: bytes,
+                    unknown: SendResult | None = None) -> SMTPResponse:
         """DATA in three phases, each with its timeout: the 354, the message data, the
         final reply. ``outcome_pending`` is set just before the end of the data is written
-        and cleared once its reply is read."""
+        and cleared once its reply is read; ``unknown`` (if given) is ``partial`` meanwhile."""
         cfg = self.config
         # The crash fires once DATA is under way (at its first wait for the server).
         asyncio.get_running_loop().call_soon(crash_point, "during_data")
@@ -246,6 +394,8 @@ class SMTPTransport(Transport):
         # The server can have the whole message from here on: outcome unknown until its
         # reply is read. No await between the write and the read below.
         self.outcome_pending = True
+        if unknown is not None:
+            self.partial = unknown
         protocol.write(b".\r\n")
         response = await protocol.read_response(timeout=cfg.final_reply_timeout)
         self.outcome_pending = False
