@@ -83,12 +83,8 @@ class Rule:
             return False
         if self.phases is not None and phase is not None and phase not in self.phases:
             return False
-        if self.enhanced is not None:
-            if self.enhanced == "":
-                if enhanced is not None:
-                    return False
-            elif enhanced is None or not re.fullmatch(self.enhanced, enhanced):
-                return False
+        if self.enhanced is not None and not re.fullmatch(self.enhanced, enhanced or ""):
+            return False
         if self.words is not None and not re.search(self.words, text, re.IGNORECASE):
             return False
         return not (self.unless is not None and re.search(self.unless, text, re.IGNORECASE))
