@@ -306,7 +306,7 @@ class SMTPTransport(Transport):
             if progress.accepted is not None:
                 return self._finished(
                     progress, _later_refusal(failure.code, failure.message, "DATA"))
-            raise _error_from_code(failure.code, failure.message, "DATA")
+            raise self._error(failure.code, failure.message, "DATA")
         if progress.accepted is None:
             raise _refused_error(progress.refused)
         self._sent_on_connection += 1
