@@ -97,8 +97,9 @@ async def test_throttle_halves_pauses_and_recovers() -> None:
     throttle = Throttle(8, recover_after=3, min_pause=5, clock=clock)
     throttle.push_back()
     assert (throttle.limit, throttle.paused, throttle.paused_until) == (4, True, 5)
+    clock.advance(2)  # past the burst window: a new event
     throttle.push_back()
-    assert (throttle.limit, throttle.paused_until) == (2, 10)  # pause doubled
+    assert (throttle.limit, throttle.paused_until) == (2, 12)  # pause doubled
     clock.advance(10)
     assert not throttle.paused
     for _ in range(3):
@@ -108,8 +109,45 @@ async def test_throttle_halves_pauses_and_recovers() -> None:
         throttle.success()
     assert throttle.limit == 8
     for _ in range(10):
+        clock.advance(2)
         throttle.push_back()
     assert throttle.limit == 1
+
+
+async def test_simultaneous_push_backs_are_one_event() -> None:
+    """Issue 9 item 5: six 421s within milliseconds (one burst) halve concurrency once and
+    pause once, instead of 8 -> 4 -> 2 -> 1 and an escalated 30 s pause."""
+    clock = FakeClock(0.0)
+    throttle = Throttle(8, min_pause=1, clock=clock)
+    for _ in range(6):
+        clock.advance(0.001)
+        throttle.push_back()
+    assert throttle.limit == 4
+    assert throttle.events == 1
+    assert throttle.paused_until == 1.001
+
+
+async def test_a_probe_ends_the_pause_early() -> None:
+    """Issue 9 item 5: while paused, one sender at a time probes the relay; a probe that
+    succeeds lifts the pause at once instead of sleeping the whole escalated pause."""
+    throttle = Throttle(4, min_pause=0.05, max_pause=30, max_probe_interval=0.05)
+    for _ in range(6):  # escalate the pause to the 30 s cap, one event at a time
+        throttle._last_event = -float("inf")
+        throttle.push_back()
+    assert throttle.paused_until - throttle.clock() > 1
+    entered: list[int] = []
+
+    async def sender(n: int) -> None:
+        async with throttle:
+            entered.append(n)
+            if len(entered) == 1:
+                assert throttle.active == 1  # the probe goes alone
+                await asyncio.sleep(0.02)
+                throttle.success()
+
+    await asyncio.wait_for(asyncio.gather(*[sender(n) for n in range(6)]), 10)
+    assert len(entered) == 6
+    assert not throttle.paused
 
 
 async def test_throttle_caps_concurrency() -> None:
@@ -213,12 +251,18 @@ async def test_push_back_closes_waiting_connections(tmp_path: Path) -> None:
     config = make_config(25, server={"spawn": 8})
     manager = Manager(tmp_path / "ws", spawn=8, config=config,
                       transport_factory=lambda: CountingTransport(script, stats))
+    paths = [await manager.create_work(to="a@example.com", subject=f"m{i}")
+             for i in range(60)]  # a backlog: eight connections are busy at once
     async with manager:
-        paths = [await manager.create_work(to="a@example.com", subject=f"m{i}")
-                 for i in range(60)]
         for path in paths:
             await manager.wait(path, timeout=30)
         closed_while_serving = stats["closes"]
-    # Concurrency was halved to 4: senders over the limit hung up instead of idling.
+        assert manager._run is not None
+        open_after = stats["open"]
+        limit = manager._run.dispatcher.throttle.limit
+    assert stats["peak"] == 8
+    # Concurrency was halved to 4: connections over the limit were closed instead of
+    # idling in the pool (issue 9 item 4: idle connections hold the relay's slots).
     assert closed_while_serving >= 4
+    assert open_after <= limit
     assert stats["open"] == 0

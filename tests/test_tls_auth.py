@@ -102,9 +102,11 @@ async def test_certificate_checked_by_default(tmp_path: Path, ca: trustme.CA, ca
     manager = Manager(tmp_path / "ws", config=config)
     await manager.create_work(to="a@example.com", subject="must not go out")
     summary = await manager.process_workload()
-    assert summary.deferred == 1 and summary.passed == 0
-    (path,) = list((tmp_path / "ws" / "deferred").glob("*.json"))
-    message = json.loads(path.read_text())["last_error"]["message"]
+    assert summary.total == 0  # a TLS failure is the relay's: the message waits, uncharged
+    (path,) = list((tmp_path / "ws" / "queued").glob("*.json"))
+    record = json.loads(path.read_text())
+    assert record["attempts"] == 0 and record["last_error"]["destination"] is True
+    message = record["last_error"]["message"]
     assert expect in message
     if not ca_trusted:
         assert "self-signed" in message or "unable to get local issuer" in message
@@ -127,9 +129,11 @@ async def test_auth_with_password_from_environment(tmp_path: Path, ca: trustme.C
 
     monkeypatch.setenv("TEST_SMTP_PASSWORD", "wrong-" + PASSWORD)
     await manager.create_work(to="a@example.com", subject="bad password")
-    assert (await manager.process_workload()).deferred == 1
-    (path,) = list((tmp_path / "ws" / "deferred").glob("*.json"))
-    assert "authentication failed" in json.loads(path.read_text())["last_error"]["message"]
+    assert (await manager.process_workload()).total == 0  # waits in queued/, uncharged
+    (path,) = list((tmp_path / "ws" / "queued").glob("*.json"))
+    record = json.loads(path.read_text())
+    assert "authentication failed" in record["last_error"]["message"]
+    assert record["attempts"] == 0
     assert server.handler.subjects() == ["authenticated"]
 
 
@@ -205,5 +209,6 @@ async def test_starttls_required_but_not_offered(tmp_path: Path,
                          transport=smtp(smtp_server.port, tls="starttls"))
     manager = Manager(tmp_path / "ws", config=config)
     await manager.create_work(to="a@example.com", subject="plain server")
-    assert (await asyncio.wait_for(manager.process_workload(), 30)).deferred == 1
+    assert (await asyncio.wait_for(manager.process_workload(), 30)).total == 0
+    assert manager.status()["queued"] == 1  # a configuration mistake: never failed/
     assert smtp_server.handler.messages == []

@@ -72,6 +72,7 @@ class SmtpConfig:
     max_connections: int = 0  # concurrent connections; 0 = one per sender (spawn)
     max_per_second: float = 0.0  # messages per second over all senders; 0 = no cap
     max_messages_per_connection: int = 0  # reconnect after this many; 0 = never
+    idle_timeout: float = 5.0  # close a connection no sender has used for this long
 
     def password(self) -> str | None:
         """The password from the environment; never stored on this object."""
@@ -98,13 +99,14 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
 
 
-_MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags"})
+_MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags",
+                                   "message_id_domain"})
 _ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
                   "max_messages_per_connection", "keep_passed_days", "keep_failed_days",
                   "keep_passed", "keep_failed"}
 _POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
              "max_backoff", "max_age", "max_message_size", "connect_timeout",
-             "command_timeout", "data_timeout", "final_reply_timeout"}
+             "command_timeout", "data_timeout", "final_reply_timeout", "idle_timeout"}
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -160,7 +162,7 @@ def _message_defaults(table: object) -> dict[str, Any]:
     defaults = {("from_" if k == "from" else k): v for k, v in table.items()}
     # Validate the defaults once, with a placeholder recipient, so a typo fails at start-up.
     try:
-        build_message({"to": "check@example.com", "from_": "check@example.com", **defaults})
+        build_message({"to": "check@example.com"}, {"from_": "check@example.com", **defaults})
     except MessageError as exc:
         raise ConfigError(f"message.{exc.field.removesuffix('_')}", exc.problem) from None
     return defaults
@@ -228,6 +230,7 @@ CONFIG_TEMPLATE = """\
 # from = "app@example.com"
 # reply_to = "support@example.com"
 # headers = { "X-Mailer" = "ess_async" }
+# message_id_domain = "example.com"   # Message-IDs end in @this; default: the sender's domain
 
 [server]
 spawn = 3            # concurrent senders, each with its own SMTP connection
@@ -265,6 +268,7 @@ final_reply_timeout = 600        # seconds for the reply to the end of the data 
 max_connections = 0              # 0 = one per sender
 max_per_second = 0               # 0 = no rate cap
 max_messages_per_connection = 0  # 0 = keep connections open
+idle_timeout = 5                 # seconds an unused connection stays open
 
 [transport.maildir]
 path = "maildir"     # relative to the workspace

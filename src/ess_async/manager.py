@@ -29,6 +29,7 @@ from .journal import Journal, replay
 from .lock import WorkspaceLock
 from .ops import QueueOps
 from .outcome import Outcome, message_id
+from .pool import TransportPool
 from .retry import RetryPolicy
 from .sender import Dispatcher, WorkItem, WorkloadSummary
 from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
@@ -54,9 +55,10 @@ def default_workspace() -> Path:
 class _Run:
     """Everything that exists only while this manager is delivering."""
 
-    def __init__(self, dispatcher: Dispatcher, journal: Journal) -> None:
+    def __init__(self, dispatcher: Dispatcher, journal: Journal, pool: TransportPool) -> None:
         self.dispatcher = dispatcher
         self.journal = journal
+        self.pool = pool
         self.queue: asyncio.PriorityQueue[WorkItem] = asyncio.PriorityQueue()
         self.pending: dict[str, str] = {}  # id -> folder it was offered from
         self.timers: list[tuple[float, str, str]] = []  # (due, message id, folder)
@@ -201,7 +203,9 @@ class Manager:
             dispatcher, journal = await asyncio.to_thread(self._recover_and_open)
         finally:
             self._opening = False
-        run = _Run(dispatcher, journal)
+        pool = TransportPool(self._transport_factory,
+                             idle_timeout=self.config.transport.smtp.idle_timeout)
+        run = _Run(dispatcher, journal, pool)
         dispatcher.on_deferred = lambda msg_id, due: self._schedule(run, msg_id, due)
         dispatcher.on_finished = lambda msg_id, state: self._finished(run, msg_id)
         self._run = run
@@ -243,6 +247,7 @@ class Manager:
     async def _close_run(self, run: _Run) -> None:
         journal = run.journal
         try:
+            await run.pool.close()
             await run.dispatcher.drain()
             if run.compaction is not None:
                 await asyncio.gather(run.compaction, return_exceptions=True)
@@ -420,40 +425,46 @@ class Manager:
 
     async def _sender(self, run: _Run, *, drain: bool,
                       progress: Callable[[WorkloadSummary], None] | None = None) -> None:
-        transport = self._transport_factory()
         throttle = run.dispatcher.throttle
-        try:
-            while not run.stop_event.is_set():
-                if drain:
-                    if throttle.paused:
-                        return  # the server pushed back: leave the rest for the next run
-                    try:
-                        item = run.queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                else:
-                    item = await run.queue.get()
-                if run.pending.get(item.msg_id) != item.source:
-                    continue  # stale: offered again from another folder since
-                del run.pending[item.msg_id]
-                if throttle.paused or throttle.active >= throttle.limit:
-                    # The server pushed back (or the cap is reached): a sender that must
-                    # wait gives up its connection, so fewer stay open meanwhile.
-                    await transport.close()
-                async with throttle:
+        while not run.stop_event.is_set():
+            if drain:
+                if throttle.paused:
+                    return  # the server pushed back: leave the rest for the next run
+                try:
+                    item = run.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+            else:
+                item = await run.queue.get()
+            if run.pending.get(item.msg_id) != item.source:
+                continue  # stale: offered again from another folder since
+            del run.pending[item.msg_id]
+            async with throttle:
+                # Connections are borrowed per message: idle ones are shared, capped and
+                # closed after idle_timeout, instead of one held open by every sender.
+                transport = run.pool.borrow()
+                try:
                     await self._deliver(run, item, transport)
-                if progress:
-                    progress(run.dispatcher.summary)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(transport.close(), 5)
+                finally:
+                    run.pool.give_back(transport, limit=throttle.limit)
+            if progress:
+                progress(run.dispatcher.summary)
+
+    async def _reaper(self, run: _Run) -> None:
+        """Close connections nobody has used for ``idle_timeout``."""
+        while True:
+            await asyncio.sleep(min(1.0, run.pool.idle_timeout / 2))
+            run.pool.reap()
+            run.pool.trim(run.dispatcher.throttle.limit)
 
     async def _deliver(self, run: _Run, item: WorkItem, transport: Transport) -> None:
         task = asyncio.current_task()
         assert task is not None
         run.busy.add(task)
         try:
-            await run.dispatcher.deliver(item, transport)
+            state = await run.dispatcher.deliver(item, transport)
+            if state == "requeued" and run.live:  # the relay failed, not the message
+                self._offer(run, item.msg_id, "queued")
         except OSError as exc:  # SpoolError included: a full disk, say
             logger.error("spool error on message %s: %s", item.msg_id, exc)
             await asyncio.sleep(1.0)  # no hot loop while the disk is in trouble
@@ -544,7 +555,8 @@ class Manager:
                     on_ready=lambda: self._load_waiting(run, "scheduled"))),
                 asyncio.create_task(self._timers(run)),
                 asyncio.create_task(self._rescan(run)),
-                asyncio.create_task(self._settler(run))]
+                asyncio.create_task(self._settler(run)),
+                asyncio.create_task(self._reaper(run))]
             self.workers = [asyncio.create_task(self._sender(run, drain=False))
                             for _ in range(self.spawn)]
             await self._load_waiting(run, "deferred")

@@ -141,6 +141,15 @@ class Dispatcher:
                 self.throttle.push_back()
                 logger.warning("server pushed back (%s): %d concurrent sends, pausing",
                                exc, self.throttle.limit)
+            if exc.destination or exc.phase == "CONNECT" or (
+                    exc.pushback and exc.phase == "MAIL"):
+                # The relay, not the message: it waits, uncharged, while one sender at
+                # a time probes the relay.
+                if not exc.pushback:
+                    self.throttle.destination_down()
+                    logger.error("cannot deliver through the relay (%s): messages wait, "
+                                 "one probe at a time", exc)
+                return await self._finish(self._requeue_uncharged(record, exc))
             return await self._finish_failed(record, exc)
         except asyncio.CancelledError:
             if transport.outcome_pending:
@@ -163,6 +172,15 @@ class Dispatcher:
                  "attempt": record["attempts"]}
         self.claimed[msg_id] = entry  # in memory at once: never requeued from here on
         return await self._finish(self._accepted(record, entry))
+
+    async def _requeue_uncharged(self, record: dict[str, Any], exc: DeliveryError) -> str:
+        """Put a claimed message back in ``queued/``, no attempt counted, with the error."""
+        record["attempts"] -= 1
+        record.update(state="queued", next_attempt_at=None, last_error={
+            "code": exc.code, "message": exc.message, "phase": exc.phase,
+            "at": self.clock(), "destination": True})
+        await self._settle("queued", record)
+        return "requeued"
 
     async def _finish(self, work: Coroutine[Any, Any, str]) -> str:
         """Run ``work`` to its end even if the caller is cancelled meanwhile (``drain``
