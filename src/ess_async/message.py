@@ -1,28 +1,45 @@
-"""Validate the attributes of a message and build it with the standard library's ``email``.
+"""Validate the attributes of a message and build it: headers by ``mime`` (the standard
+library's folder mangles white space around encoded-words), bodies and attachments by the
+standard library's ``email``.
 
 Everything a message needs at send time (envelope, rendered MIME text, attachments'
 contents) is produced here, at ``create_work`` time, so delivery never reads user files.
+The one exception is the Date of a message whose caller gave none: it is the time of the
+first delivery attempt, stamped into the spooled text by ``stamp_date``.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import logging
 import mimetypes
 import os
 import re
+import secrets
+import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from email import policy
-from email.errors import NonASCIILocalPartDefect
-from email.headerregistry import Address, BaseHeader, DateHeader, HeaderRegistry
+from datetime import UTC, datetime
+from email import policy, quoprimime
+from email.errors import NonASCIILocalPartDefect, ObsoleteHeaderDefect
+from email.headerregistry import Address, AddressHeader, BaseHeader, DateHeader, HeaderRegistry
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid, parsedate_to_datetime
+from email.parser import BytesParser
+from email.policy import EmailPolicy
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 from .errors import MessageError
+from .htmltext import html_to_text
+from .mime import LINE, address_header, unstructured_header
 
-__all__ = ("MESSAGE_FIELDS", "MessageSpec", "build_message", "parse_address")
+__all__ = ("MESSAGE_FIELDS", "MessageSpec", "build_message", "check_ehlo_name", "format_date",
+           "is_local_name", "parse_address", "stamp_date")
+
+logger = logging.getLogger("ess_async.message")
 
 #: Keyword arguments ``create_work`` accepts (``from`` is accepted as an alias of ``from_``).
 MESSAGE_FIELDS = frozenset(
@@ -63,9 +80,17 @@ class _HeaderClasses(HeaderRegistry):
 
 
 _HEADERS = _HeaderClasses()
-_RENDER_POLICY = policy.SMTP.clone(max_line_length=998, header_factory=_HEADERS)
-# For UTF-8 mailboxes (RFC 6531): headers stay raw UTF-8; the server must offer SMTPUTF8.
-_RENDER_POLICY_UTF8 = policy.SMTPUTF8.clone(max_line_length=998, header_factory=_HEADERS)
+# Bodies and the Content-* headers of MIME parts. Lines of 76: the email package writes
+# base64 and quoted-printable bodies in lines of at most max_line_length (RFC 2045 allows
+# 76), and folds the Content-* headers it writes there. (max_line_length=998 was set
+# before, probably to keep the email package from folding headers, which it does wrongly
+# around encoded-words: it made base64 and quoted-printable lines of 996 and 998.) The
+# message's own headers are written by ``mime``. refold_source="none": the headers of an
+# attached message are kept as they are, never refolded.
+_RENDER_POLICY = policy.SMTP.clone(max_line_length=LINE, header_factory=_HEADERS,
+                                   refold_source="none")
+# For UTF-8 mailboxes (RFC 6531): addresses stay raw UTF-8; the server must offer SMTPUTF8.
+_RENDER_POLICY_UTF8 = _RENDER_POLICY.clone(utf8=True)
 MAX_HEADER_VALUE = 4000
 
 
@@ -128,9 +153,10 @@ def _parse_mailbox(text: str) -> Address | str:
         defects = parsed.defects
     except Exception:  # the parser raises assorted errors on garbage
         return f"malformed address {text!r}"
-    # A UTF-8 local part is allowed (sent with SMTPUTF8); every other defect is not.
-    if len(addresses) != 1 or any(not isinstance(d, NonASCIILocalPartDefect)
-                                  for d in defects):
+    # A UTF-8 local part is allowed (sent with SMTPUTF8), and so is a period in an unquoted
+    # display name ("John Q. Public <jq@example.com>": obsolete, but what people type; it
+    # is sent quoted); every other defect is not.
+    if len(addresses) != 1 or any(not _tolerated(d) for d in defects):
         return f"malformed address {text!r} (give one address per item)"
     addr = addresses[0]
     if not addr.username or not addr.domain or " " in addr.addr_spec:
@@ -144,8 +170,53 @@ def _parse_mailbox(text: str) -> Address | str:
         return str(exc)
     # White space in a display name is folding white space: it is sent (and read back) as
     # one space, so keep it that way in the spool's summary too.
-    display = _BLANKS.sub(" ", addr.display_name).strip(" \t")
+    display = _BLANKS.sub(" ", _display_name(parsed) or addr.display_name).strip(" \t")
     return Address(display_name=display, username=addr.username, domain=domain)
+
+
+def _tolerated(defect: Exception) -> bool:
+    return isinstance(defect, NonASCIILocalPartDefect) or (
+        isinstance(defect, ObsoleteHeaderDefect) and str(defect).startswith("period in"))
+
+
+def _display_name(parsed: Any) -> str | None:
+    """The display name with its comments ("Pat (Ops)"), which the email package drops, or
+    None when it has none (then the email package's display name is right)."""
+    found: list[Any] = []
+
+    def walk(token: Any, inside: bool) -> None:
+        kind = getattr(token, "token_type", "")
+        if kind == "comment" and inside:
+            found.append(token)
+        if isinstance(token, list) and kind != "angle-addr":
+            for child in token:
+                walk(child, inside or kind == "display-name")
+
+    tree = getattr(parsed, "_parse_tree", None)
+    walk(tree, False)
+    if not found:
+        return None
+    names: list[str] = []
+
+    def text(token: Any, comment: bool = False) -> str:
+        kind = getattr(token, "token_type", "")
+        if kind == "comment":
+            return "(" + "".join(text(t, True) for t in token) + ")"
+        if kind == "bare-quoted-string":
+            return "".join(str(t) for t in token)
+        if isinstance(token, list):
+            return "".join(text(t, comment) for t in token)
+        return str(token) if comment else str(getattr(token, "value", token))
+
+    def collect(token: Any) -> None:
+        if getattr(token, "token_type", "") == "display-name":
+            names.append(text(token))
+        elif isinstance(token, list):
+            for child in token:
+                collect(child)
+
+    collect(tree)
+    return names[0] if len(names) == 1 else None
 
 
 def _address_header(name: str, addresses: list[Address]) -> Any:
@@ -171,7 +242,16 @@ def _address_list(name: str, value: object) -> list[Address]:
             for i, v in enumerate(items)]
 
 
-def _attachment(index: int, item: object) -> tuple[str, bytes, str]:
+@dataclass(frozen=True)
+class _Attachment:
+    filename: str
+    data: bytes
+    maintype: str
+    subtype: str
+    params: dict[str, str]
+
+
+def _attachment(index: int, item: object) -> _Attachment:
     name = f"attachments[{index}]"
     if isinstance(item, str | os.PathLike):
         path = Path(item)
@@ -190,13 +270,26 @@ def _attachment(index: int, item: object) -> tuple[str, bytes, str]:
         raise MessageError(name, "must be a file path or a (filename, bytes, mimetype) tuple")
     filename = _check_text(f"{name}.filename", filename, header=True)
     # A filename is a hint for the recipient, never a path: keep only its last component.
-    filename = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    filename = filename.replace("\\", "/").rsplit("/", 1)[-1].strip(" \t")
     if not filename or filename in {".", ".."}:
         raise MessageError(name, "empty filename")
     mimetype = _check_text(f"{name}.mimetype", mimetype, header=True)
-    if mimetype.count("/") != 1 or not all(mimetype.split("/")):
+    # "type/subtype", optionally with parameters: "text/csv; charset=iso-8859-1".
+    kind, _, _ = mimetype.partition(";")
+    parsed: Any = _HEADERS("content-type", mimetype)
+    if kind.strip().count("/") != 1 or not all(kind.strip().split("/")) or parsed.defects:
         raise MessageError(name, f"invalid mimetype {mimetype!r}")
-    return filename, data, mimetype
+    params = {k.lower(): v for k, v in parsed.params.items()
+              if k.lower() not in ("name", "boundary")}
+    if parsed.maintype == "text" and "charset" not in params:
+        # Say what the bytes are when they are UTF-8 (ASCII included); else leave it open.
+        try:
+            data.decode("utf-8")
+            params["charset"] = "utf-8"
+        except UnicodeDecodeError:
+            pass
+    params["name"] = filename  # older clients read the name from Content-Type
+    return _Attachment(filename, data, parsed.maintype, parsed.subtype, params)
 
 
 def _headers(value: object) -> dict[str, str]:
@@ -244,10 +337,185 @@ def _cte(text: str) -> str | None:
     return None if text.isascii() else "quoted-printable"
 
 
+# -- identity: Date, Message-ID, EHLO name --------------------------------------------------
+
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "localhost6",
+                          "localhost6.localdomain6", "127.0.0.1", "::1", "ipv6:::1"})
+_warned: set[str] = set()
+
+
+def is_local_name(name: str) -> bool:
+    """Whether ``name`` (a host name, domain or address literal) means this machine only."""
+    host = name.strip().strip("[]").rstrip(".").lower()
+    return host in _LOCAL_NAMES or host.endswith((".localhost", ".localdomain"))
+
+
+def _warn_once(kind: str, message: str, *args: object) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        logger.warning(message, *args)
+
+
+def check_ehlo_name(local_hostname: str = "") -> str:
+    """The name the SMTP transport gives in EHLO (``[transport.smtp] local_hostname``, else
+    ``socket.getfqdn()``, as aiosmtplib does). Warns once per process when it is localhost,
+    which receiving servers and spam filters distrust. Meant for the start of delivery; it
+    may ask DNS, so call it off the event loop."""
+    name = local_hostname or socket.getfqdn()
+    if is_local_name(name):
+        _warn_once("ehlo", "the EHLO name is %r: receiving servers may refuse or penalise "
+                   "mail from it; set [transport.smtp] local_hostname to this host's name "
+                   "in DNS", name)
+    return name
+
+
+def _message_id(domain: str) -> str:
+    """A new Message-ID: time and 80 random bits (no process id, unlike make_msgid)."""
+    if is_local_name(domain):
+        _warn_once("message-id", "Message-IDs end in @%s: set [message] message_id_domain "
+                   "(or a sender with a real domain); spam filters penalise local ones",
+                   domain)
+    return f"<{time.time_ns():x}.{secrets.token_hex(10)}@{domain}>"
+
+
+def _message_id_domain(value: object, sender: Address) -> str:
+    if value is None or value == "":
+        return sender.domain.rstrip(".")
+    text = _check_text("message_id_domain", value, header=True)
+    try:
+        domain = _ascii_domain(text)
+    except ValueError as exc:
+        raise MessageError("message_id_domain", str(exc)) from None
+    if domain.startswith("["):
+        raise MessageError("message_id_domain", f"must be a domain name, not {text!r}")
+    return domain.rstrip(".")
+
+
+def format_date(when: float) -> str:
+    """An RFC 5322 date in UTC: ``Tue, 01 Dec 2026 09:00:00 +0000`` (always 31 characters
+    for years 1000 to 9999, so stamping it never changes a message's size)."""
+    return format_datetime(datetime.fromtimestamp(when, UTC))
+
+
+def stamp_date(raw: str, when: float) -> str:
+    """``raw`` with its Date set to ``when``: for the first delivery attempt of a message
+    whose record has ``date_pending`` (its caller gave no Date). ``build_message`` puts
+    that Date first, so this is a string operation on the first line; a message without a
+    leading Date header is returned as it is."""
+    if not raw.startswith("Date: "):
+        return raw
+    return "Date: " + format_date(when) + raw[raw.index("\r\n"):]
+
+
+# -- bodies and attachments --------------------------------------------------------------
+
+def _clean(raw: bytes, *, utf8: bool) -> bool:
+    """Whether ``raw`` (an attached message, as it would be sent) is fit to send as a
+    message/rfc822 part: 7-bit (or UTF-8 with SMTPUTF8), lines <= 998, no defect for
+    policy.strict, no encoded composite part."""
+    if not (raw.isascii() or utf8):
+        return False
+    if max(map(len, raw.split(b"\r\n"))) > 998:
+        return False
+    try:
+        if utf8:
+            raw.decode("utf-8")
+        msg = BytesParser(policy=policy.strict).parsebytes(raw)
+        for part in msg.walk():
+            cte = str(part.get("content-transfer-encoding", "7bit")).lower()
+            composite = part.is_multipart()
+            if part.defects or (composite and cte not in ("7bit", "8bit", "binary")):
+                return False
+            if any(getattr(v, "defects", ()) for v in part.values()):
+                return False
+    except Exception:  # strict parsing raises the first defect
+        return False
+    return True
+
+
+def _attached_message(data: bytes, render: EmailPolicy[EmailMessage]) -> EmailMessage | None:
+    """``data`` (an .eml) as the message of a message/rfc822 part, which RFC 2046 allows
+    only in 7bit, 8bit or binary: bodies with 8-bit octets or over-long lines are
+    re-encoded (text in quoted-printable, the rest in base64). None when it still is not
+    a clean 7-bit message (then it is sent as application/octet-stream)."""
+    try:
+        inner = BytesParser(policy=render).parsebytes(data)
+        if not inner.keys() or inner.defects:
+            return None
+        for part in inner.walk():
+            payload = part.get_payload()
+            if part.is_multipart() or not isinstance(payload, str):
+                continue
+            cte = str(part.get("content-transfer-encoding", "7bit")).lower()
+            long_lines = max(map(len, payload.splitlines()), default=0) > 998
+            if not payload.isascii() or long_lines:
+                body = part.get_payload(decode=True)
+                assert isinstance(body, bytes)
+                del part["Content-Transfer-Encoding"]
+                if part.get_content_maintype() == "text":  # its lines stay lines
+                    part.set_payload(quoprimime.body_encode(body.decode("latin-1"), LINE))
+                    part["Content-Transfer-Encoding"] = "quoted-printable"
+                else:
+                    part.set_payload(base64.encodebytes(body).decode("ascii"))
+                    part["Content-Transfer-Encoding"] = "base64"
+            elif cte in ("8bit", "binary"):
+                part.replace_header("Content-Transfer-Encoding", "7bit")
+        raw = inner.as_bytes(policy=render)
+        if not _clean(raw, utf8=render.utf8):
+            return None
+        result = BytesParser(policy=render).parsebytes(raw)
+    except Exception:  # anything the parser or generator cannot take: send the bytes
+        return None
+    assert isinstance(result, EmailMessage)
+    return result
+
+
+def _add_attachment(msg: EmailMessage, att: _Attachment, render: EmailPolicy[EmailMessage]) -> None:
+    maintype, subtype, params = att.maintype, att.subtype, dict(att.params)
+    if maintype == "message" and subtype == "rfc822":
+        inner = _attached_message(att.data, render)
+        if inner is not None:
+            msg.add_attachment(inner, cte="7bit" if not render.utf8 else "8bit",
+                               filename=att.filename, params={"name": att.filename})
+            return
+    if (maintype == "multipart" or (maintype == "message" and subtype != "global")):
+        # A composite type cannot be base64 (RFC 2046): send the bytes as they are.
+        maintype, subtype = "application", "octet-stream"
+        params = {"name": att.filename}
+    msg.add_attachment(att.data, maintype=maintype, subtype=subtype, filename=att.filename,
+                       params=params)
+
+
+def _crlf(raw: bytes) -> bytes:
+    """Every line ending CRLF (the email package keeps an attached message's own)."""
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
+        return raw
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
+
+
+def _custom_header(key: str, value: str) -> str:
+    """The header line(s) of a ``headers=`` item."""
+    cls = _HEADERS[key]
+    if issubclass(cls, AddressHeader) and not value.isascii():
+        parsed: Any = _HEADERS(key, value)
+        addresses = list(parsed.addresses)
+        if parsed.defects or not addresses or any(g.display_name for g in parsed.groups):
+            raise MessageError(f"headers.{key}", f"malformed address list {value!r}")
+        return address_header(key, [_parse_mailbox_or_raise(f"headers.{key}", a)
+                                    for a in addresses])
+    return unstructured_header(key, value)
+
+
+def _parse_mailbox_or_raise(name: str, address: Address) -> Address:
+    return parse_address(name, str(address))
+
+
 def build_message(attrs: Mapping[str, Any],
                   defaults: Mapping[str, Any] | None = None) -> MessageSpec:
     """Validate ``attrs`` (``defaults`` merged under them) and render the message.
 
+    ``defaults`` may also hold ``message_id_domain`` (``[message]`` in the config).
     Raises MessageError naming the first bad field; performs no writes.
     """
     merged: dict[str, Any] = dict(defaults or {})
@@ -277,45 +545,55 @@ def build_message(attrs: Mapping[str, Any],
     headers = _headers(merged.get("headers"))
     attachments = [_attachment(i, a) for i, a in enumerate(merged.get("attachments") or [])]
     tags = _tags(merged.get("tags"))
+    id_domain = _message_id_domain(merged.get("message_id_domain"), sender)
 
     utf8 = not all(a.username.isascii() for a in [sender, *to, *cc, *bcc, *reply_to])
     render = _RENDER_POLICY_UTF8 if utf8 else _RENDER_POLICY
-    msg = EmailMessage(policy=render)
-    msg["From"] = _address_header("From", [sender])
-    for header, addresses in (("To", to), ("Cc", cc), ("Reply-To", reply_to)):
-        if addresses:
-            msg[header] = _address_header(header, addresses)
-    msg["Subject"] = subject
     given = {key.lower(): val for key, val in headers.items()
              if key.lower() in _GENERATED_HEADERS}
-    msg["Date"] = given.get("date") or _parsed_header(
-        "Date", formatdate(localtime=False, usegmt=True))
-    msg["Message-ID"] = given.get("message-id") or make_msgid(domain=sender.domain)
-    for key, val in headers.items():
-        if key.lower() not in _GENERATED_HEADERS:
-            msg[key] = val
-    # 7-bit transfer encodings keep the spooled text ASCII and need no 8BITMIME from the server.
+    message_id = given.get("message-id") or _message_id(id_domain)
+    # Date first: stamp_date sets it at the first delivery attempt with a string operation.
+    lines = [f"Date: {given.get('date') or format_date(time.time())}\r\n",
+             address_header("From", [sender])]
+    for header, addresses in (("To", to), ("Cc", cc), ("Reply-To", reply_to)):
+        if addresses:
+            lines.append(address_header(header, addresses))
+    lines += [unstructured_header("Subject", subject), f"Message-ID: {message_id}\r\n"]
+    lines += [_custom_header(key, val) for key, val in headers.items()
+              if key.lower() not in _GENERATED_HEADERS]
+
+    # The MIME structure: 7-bit transfer encodings keep the spooled text ASCII and need no
+    # 8BITMIME from the server. HTML without text gets a text part derived from it.
+    msg = EmailMessage(policy=render)
     text = body if body is not None else ""
-    msg.set_content(text, cte=_cte(text))
-    if html is not None:
-        msg.add_alternative(html, subtype="html", cte=_cte(html))
-    for filename, data, mimetype in attachments:
-        maintype, subtype = mimetype.split("/")
-        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+    if html is not None and not text.strip():
+        text = html_to_text(html)
+    if html is not None and not text:
+        msg.set_content(html, subtype="html", cte=_cte(html))
+    else:
+        msg.set_content(text, cte=_cte(text))
+        if html is not None:
+            msg.add_alternative(html, subtype="html", cte=_cte(html))
+    for attachment in attachments:
+        _add_attachment(msg, attachment, render)
     try:
-        raw = msg.as_bytes(policy=render)
-    except (ValueError, TypeError) as exc:  # e.g. a header the policy cannot fold
+        mime = msg.as_bytes(policy=render)
+        head = "".join(lines).encode("utf-8" if utf8 else "ascii")
+    except (ValueError, TypeError, UnicodeError) as exc:  # a bug, not the caller's fault
         raise MessageError("headers", f"cannot render message: {exc}") from None
+    raw = _crlf(head + mime)
 
     recipients = list(dict.fromkeys(a.addr_spec for a in [*to, *cc, *bcc]))
-    summary = {
+    summary: dict[str, Any] = {
         "to": [str(a) for a in to],
         "cc": [str(a) for a in cc],
         "bcc_count": len(bcc),
         "subject": subject,
-        "message_id": msg["Message-ID"],
+        "message_id": message_id,
         "tags": tags,
         "size": len(raw),
     }
+    if "date" not in given:
+        summary["date_pending"] = True  # stamped at the first delivery attempt
     return MessageSpec(mail_from=sender.addr_spec, recipients=recipients, raw=raw,
                        summary=summary, smtputf8=utf8)

@@ -24,6 +24,7 @@ import aiofiles.os
 from .errors import DeliveryError, SpoolError, TemporaryDeliveryError
 from .faults import crash_point, fail_point
 from .journal import Journal
+from .message import stamp_date
 from .retry import RetryPolicy
 from .spool import CorruptRecord, Spool
 from .throttle import Throttle
@@ -131,6 +132,9 @@ class Dispatcher:
         msg_id = record["id"]
         record["attempts"] = record.get("attempts", 0) + 1
         record["last_attempt_at"] = self.clock()
+        if record.pop("date_pending", False):
+            # No Date was given: it is this first attempt's time, and retries keep it.
+            record["raw"] = stamp_date(record["raw"], record["last_attempt_at"])
         try:
             utf8 = bool(record.get("smtputf8"))
             result = await transport.send(record["mail_from"], record["recipients"],
