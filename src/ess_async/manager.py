@@ -442,7 +442,7 @@ class Manager:
             async with throttle:
                 # Connections are borrowed per message: idle ones are shared, capped and
                 # closed after idle_timeout, instead of one held open by every sender.
-                transport = run.pool.borrow()
+                transport = await run.pool.borrow(limit=throttle.limit)
                 try:
                     await self._deliver(run, item, transport)
                 finally:

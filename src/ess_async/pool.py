@@ -37,19 +37,27 @@ class TransportPool:
 
     @property
     def open(self) -> int:
-        """Transports lent out or idle (an idle one may hold a connection)."""
-        return self.borrowed + len(self._idle)
+        """Transports lent out, idle (an idle one may hold a connection) or closing."""
+        return self.borrowed + len(self._idle) + len(self._closing)
 
-    def borrow(self) -> Transport:
-        self.borrowed += 1
+    async def borrow(self, *, limit: int) -> Transport:
+        """An idle transport, or a new one once fewer than ``limit`` are open (a
+        connection still closing counts: the relay counts it until it is gone)."""
         if self._idle:
+            self.borrowed += 1
             return self._idle.pop()[1]
+        while self._closing and self.open >= limit:
+            await asyncio.wait(list(self._closing), return_when=asyncio.FIRST_COMPLETED)
+            if self._idle:
+                self.borrowed += 1
+                return self._idle.pop()[1]
+        self.borrowed += 1
         return self._factory()
 
     def give_back(self, transport: Transport, *, limit: int) -> None:
         """Return ``transport``; it is closed instead if ``limit`` are open without it."""
         self.borrowed -= 1
-        if self.open >= limit:
+        if self.open >= limit + len(self._closing):
             self._close_soon(transport)
         else:
             self._idle.append((self.clock(), transport))
@@ -58,7 +66,7 @@ class TransportPool:
     def trim(self, limit: int) -> None:
         """Close idle transports (the least recently used first) until at most ``limit``
         are open: after a push-back, idle connections must not keep the relay's slots."""
-        while self._idle and self.open > limit:
+        while self._idle and self.open - len(self._closing) > limit:
             self._close_soon(self._idle.pop(0)[1])
 
     def reap(self) -> int:

@@ -28,7 +28,7 @@ from .message import stamp_date
 from .retry import RetryPolicy
 from .spool import CorruptRecord, Spool
 from .throttle import Throttle
-from .transports import Transport
+from .transports import SendResult, Transport
 
 __all__ = ("Dispatcher", "WorkItem", "WorkloadSummary")
 
@@ -156,6 +156,13 @@ class Dispatcher:
                 return await self._finish(self._requeue_uncharged(record, exc))
             return await self._finish_failed(record, exc)
         except asyncio.CancelledError:
+            partial = transport.partial
+            if partial is not None:
+                # Stopped after an earlier transaction of this message was accepted (a
+                # recipient limit split it): finish it as accepted for those recipients.
+                self.claimed[msg_id] = entry = self._accepted_entry(record, partial)
+                await self._finish(self._accepted(record, entry))
+                raise
             if transport.outcome_pending:
                 # Stopped after the data was sent, before the reply: the server may have
                 # the message. Record that (never requeue it as if nothing was sent).
@@ -170,12 +177,15 @@ class Dispatcher:
         crash_point("after_250")
         self.throttle.success()
         # From here on the message is delivered: finish even if the run is being cancelled.
-        # The attempt number fences the entry: recovery trusts it only for this claim.
-        entry = {"op": "accepted", "id": msg_id, "at": self.clock(), "code": result.code,
-                 "reply": result.message, "refused": result.refused,
-                 "attempt": record["attempts"]}
+        entry = self._accepted_entry(record, result)
         self.claimed[msg_id] = entry  # in memory at once: never requeued from here on
         return await self._finish(self._accepted(record, entry))
+
+    def _accepted_entry(self, record: dict[str, Any], result: SendResult) -> dict[str, Any]:
+        # The attempt number fences the entry: recovery trusts it only for this claim.
+        return {"op": "accepted", "id": record["id"], "at": self.clock(),
+                "code": result.code, "reply": result.message, "refused": result.refused,
+                "attempt": record["attempts"]}
 
     async def _requeue_uncharged(self, record: dict[str, Any], exc: DeliveryError) -> str:
         """Put a claimed message back in ``queued/``, no attempt counted, with the error."""
