@@ -10,6 +10,7 @@ unexpected error, ends in a state folder.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -135,6 +136,7 @@ class Dispatcher:
         if record.pop("date_pending", False):
             # No Date was given: it is this first attempt's time, and retries keep it.
             record["raw"] = stamp_date(record["raw"], record["last_attempt_at"])
+        transport.checkpoint = functools.partial(self._checkpoint, record)
         try:
             utf8 = bool(record.get("smtputf8"))
             result = await transport.send(record["mail_from"], record["recipients"],
@@ -180,6 +182,16 @@ class Dispatcher:
         entry = self._accepted_entry(record, result)
         self.claimed[msg_id] = entry  # in memory at once: never requeued from here on
         return await self._finish(self._accepted(record, entry))
+
+    async def _checkpoint(self, record: dict[str, Any], partial: SendResult) -> None:
+        """One transaction of a message split by a recipient limit was accepted: journal
+        it durably before the next, so a crash never resends to those recipients."""
+        self.claimed[record["id"]] = entry = self._accepted_entry(record, partial)
+        try:
+            await self.journal.append_durable(entry)
+        except OSError as exc:  # kept in memory meanwhile; the send's end records it
+            logger.error("message %s: cannot journal a partial delivery: %s", record["id"],
+                         exc)
 
     def _accepted_entry(self, record: dict[str, Any], result: SendResult) -> dict[str, Any]:
         # The attempt number fences the entry: recovery trusts it only for this claim.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 __all__ = ("SendResult", "Transport")
@@ -46,10 +47,16 @@ class Transport(ABC):
     ``partial`` is set must finish the message as accepted with ``partial`` (never
     requeue it, never record the whole message as outcome unknown); ``partial`` takes
     precedence over ``outcome_pending``. After a send returns, ``partial`` is its result.
+
+    ``checkpoint``, when the caller sets it, is awaited with ``partial`` after each
+    accepted transaction that more will follow, before the next one starts: the sender
+    makes that partial delivery durable, so a crash later in the send never sends the
+    message again to recipients who already have it.
     """
 
     outcome_pending: bool = False
     partial: SendResult | None = None
+    checkpoint: Callable[[SendResult], Awaitable[None]] | None = None
 
     @abstractmethod
     async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,

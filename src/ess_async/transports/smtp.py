@@ -258,6 +258,9 @@ class SMTPTransport(Transport):
                 progress.batch = []
                 progress.accepted = response
                 self.partial = progress.result((451, _NOT_SENT))
+                if progress.untried and self.checkpoint is not None:
+                    await self.checkpoint(self.partial)  # durable before the next one
+                    crash_point("between_transactions")
         except PermanentDeliveryError:
             raise  # no SMTPUTF8: found before MAIL FROM, nothing to undo
         except aiosmtplib.SMTPResponseException as exc:
