@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ess_async import ConfigError, Manager, message
-from ess_async.message import build_message, check_ehlo_name, is_local_name
+from ess_async import ConfigError, Manager
+from ess_async.message import build_message
 
 from .conftest import FakeClock, Received, SMTPServer, make_config
 from .mime_checks import ENCODED_WORD, header_value, parse_strict, wire_problems
@@ -281,6 +281,9 @@ def test_message_id_domain_must_be_a_domain() -> None:
 def test_localhost_identity_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     """Issue 10 item 9: a Message-ID or EHLO name of localhost is penalised by receivers;
     each warns once per process (the library configures no logging)."""
+    from ess_async import message
+    from ess_async.message import check_ehlo_name, is_local_name
+
     message._warned.clear()
     caplog.set_level(logging.WARNING, logger="ess_async.message")
     for _ in range(3):
