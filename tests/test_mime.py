@@ -281,10 +281,10 @@ def test_message_id_domain_must_be_a_domain() -> None:
 def test_localhost_identity_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     """Issue 10 item 9: a Message-ID or EHLO name of localhost is penalised by receivers;
     each warns once per process (the library configures no logging)."""
-    from ess_async import message
+    from ess_async import identity
     from ess_async.message import check_ehlo_name, is_local_name
 
-    message._warned.clear()
+    identity._warned.clear()
     caplog.set_level(logging.WARNING, logger="ess_async.message")
     for _ in range(3):
         build_message({"to": "a@example.com", "from_": "app@localhost"})
@@ -297,7 +297,7 @@ def test_localhost_identity_warns_once(caplog: pytest.LogCaptureFixture) -> None
     assert "EHLO" in warnings[1] and "local_hostname" in warnings[1]
     assert is_local_name("[127.0.0.1]") and is_local_name("box.localdomain")
     assert not is_local_name("example.com")
-    message._warned.clear()
+    identity._warned.clear()
 
 
 async def test_text_attachment_charset_and_name(tmp_path: Path,

@@ -10,36 +10,29 @@ first delivery attempt, stamped into the spooled text by ``stamp_date``.
 
 from __future__ import annotations
 
-import base64
 import functools
-import logging
 import mimetypes
 import os
 import re
-import secrets
-import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email import policy, quoprimime
+from email import policy
 from email.errors import NonASCIILocalPartDefect, ObsoleteHeaderDefect
 from email.headerregistry import Address, AddressHeader, BaseHeader, DateHeader, HeaderRegistry
 from email.message import EmailMessage
-from email.parser import BytesParser
-from email.policy import EmailPolicy
-from email.utils import format_datetime, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 from .errors import MessageError
 from .htmltext import html_to_text
+from .identity import check_ehlo_name, format_date, is_local_name, new_message_id, stamp_date
 from .mime import LINE, address_header, unstructured_header
+from .parts import Attachment, add_attachment, crlf
 
 __all__ = ("MESSAGE_FIELDS", "MessageSpec", "build_message", "check_ehlo_name", "format_date",
            "is_local_name", "parse_address", "stamp_date")
-
-logger = logging.getLogger("ess_async.message")
 
 #: Keyword arguments ``create_work`` accepts (``from`` is accepted as an alias of ``from_``).
 MESSAGE_FIELDS = frozenset(
@@ -219,16 +212,6 @@ def _display_name(parsed: Any) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-def _address_header(name: str, addresses: list[Address]) -> Any:
-    return _parsed_header(name, ", ".join(str(a) for a in addresses))
-
-
-@functools.lru_cache(maxsize=1024)
-def _parsed_header(name: str, value: str) -> Any:
-    """A ready header object: EmailMessage stores it as is instead of parsing it again."""
-    return _HEADERS(name, value)
-
-
 def _address_list(name: str, value: object) -> list[Address]:
     if value is None:
         return []
@@ -242,16 +225,7 @@ def _address_list(name: str, value: object) -> list[Address]:
             for i, v in enumerate(items)]
 
 
-@dataclass(frozen=True)
-class _Attachment:
-    filename: str
-    data: bytes
-    maintype: str
-    subtype: str
-    params: dict[str, str]
-
-
-def _attachment(index: int, item: object) -> _Attachment:
+def _attachment(index: int, item: object) -> Attachment:
     name = f"attachments[{index}]"
     if isinstance(item, str | os.PathLike):
         path = Path(item)
@@ -289,7 +263,7 @@ def _attachment(index: int, item: object) -> _Attachment:
         except UnicodeDecodeError:
             pass
     params["name"] = filename  # older clients read the name from Content-Type
-    return _Attachment(filename, data, parsed.maintype, parsed.subtype, params)
+    return Attachment(filename, data, parsed.maintype, parsed.subtype, params)
 
 
 def _headers(value: object) -> dict[str, str]:
@@ -337,47 +311,6 @@ def _cte(text: str) -> str | None:
     return None if text.isascii() else "quoted-printable"
 
 
-# -- identity: Date, Message-ID, EHLO name --------------------------------------------------
-
-_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "localhost6",
-                          "localhost6.localdomain6", "127.0.0.1", "::1", "ipv6:::1"})
-_warned: set[str] = set()
-
-
-def is_local_name(name: str) -> bool:
-    """Whether ``name`` (a host name, domain or address literal) means this machine only."""
-    host = name.strip().strip("[]").rstrip(".").lower()
-    return host in _LOCAL_NAMES or host.endswith((".localhost", ".localdomain"))
-
-
-def _warn_once(kind: str, message: str, *args: object) -> None:
-    if kind not in _warned:
-        _warned.add(kind)
-        logger.warning(message, *args)
-
-
-def check_ehlo_name(local_hostname: str = "") -> str:
-    """The name the SMTP transport gives in EHLO (``[transport.smtp] local_hostname``, else
-    ``socket.getfqdn()``, as aiosmtplib does). Warns once per process when it is localhost,
-    which receiving servers and spam filters distrust. Meant for the start of delivery; it
-    may ask DNS, so call it off the event loop."""
-    name = local_hostname or socket.getfqdn()
-    if is_local_name(name):
-        _warn_once("ehlo", "the EHLO name is %r: receiving servers may refuse or penalise "
-                   "mail from it; set [transport.smtp] local_hostname to this host's name "
-                   "in DNS", name)
-    return name
-
-
-def _message_id(domain: str) -> str:
-    """A new Message-ID: time and 80 random bits (no process id, unlike make_msgid)."""
-    if is_local_name(domain):
-        _warn_once("message-id", "Message-IDs end in @%s: set [message] message_id_domain "
-                   "(or a sender with a real domain); spam filters penalise local ones",
-                   domain)
-    return f"<{time.time_ns():x}.{secrets.token_hex(10)}@{domain}>"
-
-
 def _message_id_domain(value: object, sender: Address) -> str:
     if value is None or value == "":
         return sender.domain.rstrip(".")
@@ -389,109 +322,6 @@ def _message_id_domain(value: object, sender: Address) -> str:
     if domain.startswith("["):
         raise MessageError("message_id_domain", f"must be a domain name, not {text!r}")
     return domain.rstrip(".")
-
-
-def format_date(when: float) -> str:
-    """An RFC 5322 date in UTC: ``Tue, 01 Dec 2026 09:00:00 +0000`` (always 31 characters
-    for years 1000 to 9999, so stamping it never changes a message's size)."""
-    return format_datetime(datetime.fromtimestamp(when, UTC))
-
-
-def stamp_date(raw: str, when: float) -> str:
-    """``raw`` with its Date set to ``when``: for the first delivery attempt of a message
-    whose record has ``date_pending`` (its caller gave no Date). ``build_message`` puts
-    that Date first, so this is a string operation on the first line; a message without a
-    leading Date header is returned as it is."""
-    if not raw.startswith("Date: "):
-        return raw
-    return "Date: " + format_date(when) + raw[raw.index("\r\n"):]
-
-
-# -- bodies and attachments --------------------------------------------------------------
-
-def _clean(raw: bytes, *, utf8: bool) -> bool:
-    """Whether ``raw`` (an attached message, as it would be sent) is fit to send as a
-    message/rfc822 part: 7-bit (or UTF-8 with SMTPUTF8), lines <= 998, no defect for
-    policy.strict, no encoded composite part."""
-    if not (raw.isascii() or utf8):
-        return False
-    if max(map(len, raw.split(b"\r\n"))) > 998:
-        return False
-    try:
-        if utf8:
-            raw.decode("utf-8")
-        msg = BytesParser(policy=policy.strict).parsebytes(raw)
-        for part in msg.walk():
-            cte = str(part.get("content-transfer-encoding", "7bit")).lower()
-            composite = part.is_multipart()
-            if part.defects or (composite and cte not in ("7bit", "8bit", "binary")):
-                return False
-            if any(getattr(v, "defects", ()) for v in part.values()):
-                return False
-    except Exception:  # strict parsing raises the first defect
-        return False
-    return True
-
-
-def _attached_message(data: bytes, render: EmailPolicy[EmailMessage]) -> EmailMessage | None:
-    """``data`` (an .eml) as the message of a message/rfc822 part, which RFC 2046 allows
-    only in 7bit, 8bit or binary: bodies with 8-bit octets or over-long lines are
-    re-encoded (text in quoted-printable, the rest in base64). None when it still is not
-    a clean 7-bit message (then it is sent as application/octet-stream)."""
-    try:
-        inner = BytesParser(policy=render).parsebytes(data)
-        if not inner.keys() or inner.defects:
-            return None
-        for part in inner.walk():
-            payload = part.get_payload()
-            if part.is_multipart() or not isinstance(payload, str):
-                continue
-            cte = str(part.get("content-transfer-encoding", "7bit")).lower()
-            long_lines = max(map(len, payload.splitlines()), default=0) > 998
-            if not payload.isascii() or long_lines:
-                body = part.get_payload(decode=True)
-                assert isinstance(body, bytes)
-                del part["Content-Transfer-Encoding"]
-                if part.get_content_maintype() == "text":  # its lines stay lines
-                    part.set_payload(quoprimime.body_encode(body.decode("latin-1"), LINE))
-                    part["Content-Transfer-Encoding"] = "quoted-printable"
-                else:
-                    part.set_payload(base64.encodebytes(body).decode("ascii"))
-                    part["Content-Transfer-Encoding"] = "base64"
-            elif cte in ("8bit", "binary"):
-                part.replace_header("Content-Transfer-Encoding", "7bit")
-        raw = inner.as_bytes(policy=render)
-        if not _clean(raw, utf8=render.utf8):
-            return None
-        result = BytesParser(policy=render).parsebytes(raw)
-    except Exception:  # anything the parser or generator cannot take: send the bytes
-        return None
-    assert isinstance(result, EmailMessage)
-    return result
-
-
-def _add_attachment(msg: EmailMessage, att: _Attachment, render: EmailPolicy[EmailMessage]) -> None:
-    maintype, subtype, params = att.maintype, att.subtype, dict(att.params)
-    if maintype == "message" and subtype == "rfc822":
-        inner = _attached_message(att.data, render)
-        if inner is not None:
-            msg.add_attachment(inner, cte="7bit" if not render.utf8 else "8bit",
-                               filename=att.filename, params={"name": att.filename})
-            return
-    if (maintype == "multipart" or (maintype == "message" and subtype != "global")):
-        # A composite type cannot be base64 (RFC 2046): send the bytes as they are.
-        maintype, subtype = "application", "octet-stream"
-        params = {"name": att.filename}
-    msg.add_attachment(att.data, maintype=maintype, subtype=subtype, filename=att.filename,
-                       params=params)
-
-
-def _crlf(raw: bytes) -> bytes:
-    """Every line ending CRLF (the email package keeps an attached message's own)."""
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
-        return raw
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
 
 
 def _custom_header(key: str, value: str) -> str:
@@ -551,7 +381,7 @@ def build_message(attrs: Mapping[str, Any],
     render = _RENDER_POLICY_UTF8 if utf8 else _RENDER_POLICY
     given = {key.lower(): val for key, val in headers.items()
              if key.lower() in _GENERATED_HEADERS}
-    message_id = given.get("message-id") or _message_id(id_domain)
+    message_id = given.get("message-id") or new_message_id(id_domain)
     # Date first: stamp_date sets it at the first delivery attempt with a string operation.
     lines = [f"Date: {given.get('date') or format_date(time.time())}\r\n",
              address_header("From", [sender])]
@@ -575,13 +405,13 @@ def build_message(attrs: Mapping[str, Any],
         if html is not None:
             msg.add_alternative(html, subtype="html", cte=_cte(html))
     for attachment in attachments:
-        _add_attachment(msg, attachment, render)
+        add_attachment(msg, attachment, render)
     try:
         mime = msg.as_bytes(policy=render)
         head = "".join(lines).encode("utf-8" if utf8 else "ascii")
     except (ValueError, TypeError, UnicodeError) as exc:  # a bug, not the caller's fault
         raise MessageError("headers", f"cannot render message: {exc}") from None
-    raw = _crlf(head + mime)
+    raw = crlf(head + mime)
 
     recipients = list(dict.fromkeys(a.addr_spec for a in [*to, *cc, *bcc]))
     summary: dict[str, Any] = {
