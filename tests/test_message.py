@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from ess_async import Client, Manager, MessageError
+from ess_async.message import build_message, stamp_date
 
 from .conftest import make_config
 
@@ -40,6 +41,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"tags": "one"}, "tags"),
     ({"body": b"bytes"}, "body"),
     ({"priority_typo": 1}, "priority_typo"),
+    # Issue 10 item 10: a mimetype may carry parameters, well-formed ones only.
+    ({"attachments": [("a.txt", b"x", "text/plain; charset")]}, "attachments[0]"),
+    # Issue 10 item 9: the Message-ID domain is configuration ([message]), not per message.
+    ({"message_id_domain": "example.com"}, "message_id_domain"),
+    ({"headers": {"Sender": "Zoë <@example.com>"}}, "headers.Sender"),
 ]
 
 DATE = "Tue, 01 Dec 2026 10:00:00 +0100"
@@ -152,3 +158,20 @@ def test_display_name_white_space_is_one_space(tmp_path: Path) -> None:
     record = client.spool.read(path)
     assert record["to"] == ["Ann Lee <a@example.com>"]
     assert "To: Ann Lee <a@example.com>\r\n" in record["raw"]
+
+
+def test_stamp_date_replaces_only_the_date_line() -> None:
+    """Issue 10 item 5: stamping the first attempt's Date is a string operation on the
+    first line that keeps the message's size; a message without a leading Date (a caller
+    gave one elsewhere, an older record) is left as it is."""
+    spec = build_message({**BASE, "from_": "s@example.com"})
+    raw = spec.raw.decode("ascii")
+    assert spec.summary["date_pending"] is True
+    assert raw.startswith("Date: ")
+    stamped = stamp_date(raw, 1_800_000_000.0)
+    assert stamped.startswith("Date: Fri, 15 Jan 2027 08:00:00 +0000\r\n")
+    assert len(stamped) == len(raw)
+    assert stamped.split("\r\n", 1)[1] == raw.split("\r\n", 1)[1]
+    assert stamp_date("From: a@example.com\r\n\r\n", 0.0) == "From: a@example.com\r\n\r\n"
+    given = build_message({**BASE, "from_": "s@example.com", "headers": {"Date": DATE}})
+    assert "date_pending" not in given.summary

@@ -6,6 +6,7 @@ the received bytes (``tests/mime_checks.py``), parsed with ``policy.strict``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import UTC, datetime
@@ -220,6 +221,10 @@ async def test_date_is_the_first_attempt_and_retries_keep_it(
             smtp_server.handler.messages] == [first, first]
     for got in smtp_server.handler.messages:
         assert wire_problems(got.data) == []
+    # The spool's final record holds the text as sent.
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "ws" / "passed").rglob("*.json")]
+    assert "date_pending" not in record
+    assert record["raw"].encode("ascii") == smtp_server.handler.messages[-1].data
 
 
 async def test_given_date_is_never_replaced(tmp_path: Path, smtp_server: SMTPServer) -> None:
