@@ -46,6 +46,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
     # Issue 10 item 9: the Message-ID domain is configuration ([message]), not per message.
     ({"message_id_domain": "example.com"}, "message_id_domain"),
     ({"headers": {"Sender": "Zoë <@example.com>"}}, "headers.Sender"),
+    # Issue 10 item 6: nothing that could make a line of more than 998 octets.
+    ({"to": "a@" + "b" * 60 + ("." + "c" * 60) * 4 + ".example"}, "to"),
+    ({"headers": {"Message-ID": "<" + "x" * 950 + "@example.com>"}}, "headers.Message-ID"),
 ]
 
 DATE = "Tue, 01 Dec 2026 10:00:00 +0100"

@@ -154,6 +154,8 @@ def _parse_mailbox(text: str) -> Address | str:
     addr = addresses[0]
     if not addr.username or not addr.domain or " " in addr.addr_spec:
         return f"malformed address {text!r}"
+    if len(addr.addr_spec) > 254:  # RFC 5321 section 4.5.3.1.3 (a path of 256 with <>)
+        return f"address longer than 254 characters: {text[:40]!r}..."
     if not addr.username.isascii() and (addr.username.startswith('"') or any(
             ch in addr.username for ch in " ,<>()[]\\")):
         return f"malformed UTF-8 local part in {text!r}"
@@ -295,6 +297,8 @@ def _headers(value: object) -> dict[str, str]:
                                    "(e.g. 'Mon, 30 Nov 2026 15:59:42 +0000')") from None
         if lower == "message-id" and not _MSG_ID.match(text):
             raise MessageError(f"headers.{key}", f"not a message id <left@right>: {text!r}")
+        if lower == "message-id" and len(text) > 900:  # one line, within 998 octets
+            raise MessageError(f"headers.{key}", "longer than 900 characters")
         result[key] = text
     return result
 
