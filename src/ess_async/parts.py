@@ -28,17 +28,14 @@ class Attachment:
     params: dict[str, str]
 
 
-def _clean(raw: bytes, *, utf8: bool) -> bool:
+def _clean(raw: bytes) -> bool:
     """Whether ``raw`` (an attached message, as it would be sent) is fit to send as a
-    message/rfc822 part: 7-bit (or UTF-8 with SMTPUTF8), lines <= 998, no defect for
-    policy.strict, no encoded composite part."""
-    if not (raw.isascii() or utf8):
-        return False
-    if max(map(len, raw.split(b"\r\n"))) > 998:
+    7bit message/rfc822 part: ASCII, lines <= 998, no defect for policy.strict, no encoded
+    composite part. (Raw UTF-8 headers, even in a message sent with SMTPUTF8, are not:
+    they would need message/global.)"""
+    if not raw.isascii() or max(map(len, raw.split(b"\r\n"))) > 998:
         return False
     try:
-        if utf8:
-            raw.decode("utf-8")
         msg = BytesParser(policy=policy.strict).parsebytes(raw)
         for part in msg.walk():
             cte = str(part.get("content-transfer-encoding", "7bit")).lower()
@@ -80,7 +77,7 @@ def attached_message(data: bytes, render: EmailPolicy[EmailMessage]) -> EmailMes
             elif cte in ("8bit", "binary"):
                 part.replace_header("Content-Transfer-Encoding", "7bit")
         raw = inner.as_bytes(policy=render)
-        if not _clean(raw, utf8=render.utf8):
+        if not _clean(raw):
             return None
         result = BytesParser(policy=render).parsebytes(raw)
     except Exception:  # anything the parser or generator cannot take: send the bytes
@@ -96,10 +93,10 @@ def add_attachment(msg: EmailMessage, att: Attachment,
     if maintype == "message" and subtype == "rfc822":
         inner = attached_message(att.data, render)
         if inner is not None:
-            msg.add_attachment(inner, cte="7bit" if not render.utf8 else "8bit",
-                               filename=att.filename, params={"name": att.filename})
+            msg.add_attachment(inner, cte="7bit", filename=att.filename,
+                               params={"name": att.filename})
             return
-    if (maintype == "multipart" or (maintype == "message" and subtype != "global")):
+    if maintype == "multipart" or (maintype == "message" and subtype != "global"):
         # A composite type cannot be base64 (RFC 2046): send the bytes as they are.
         maintype, subtype = "application", "octet-stream"
         params = {"name": att.filename}
