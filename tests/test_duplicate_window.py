@@ -235,3 +235,24 @@ async def test_stop_while_waiting_for_the_final_reply_is_outcome_unknown(
     summary = await Manager(ws, config=config).process_workload()  # not due yet
     assert summary.total == 0
     assert handler.peers == []  # no second DATA
+
+
+async def test_rescan_does_not_reread_scheduled_files(tmp_path: Path,
+                                                     smtp_server: SMTPServer) -> None:
+    """Issue 8, scale: the 30-second rescan of scheduled/ reads only files it has no
+    timer for (the old code re-read every scheduled file in full, bodies included)."""
+    ws = tmp_path / "ws"
+    config = make_config(smtp_server.port)
+    manager = Manager(ws, config=config)
+    later = await manager.create_work(to="a@example.com", subject="later",
+                                      send_at=manager.clock() + 3600)
+    run = await manager._open_run()
+    try:
+        await manager._load_waiting(run, "scheduled")
+        assert later.stem in run.timed
+        later.write_bytes(b"{not json")  # a re-read would quarantine it
+        await manager._load_waiting(run, "scheduled")
+        assert later.exists()
+        assert list((ws / "corrupt").iterdir()) == []
+    finally:
+        await manager._close_run(run)
