@@ -328,3 +328,19 @@ async def test_text_attachment_charset_and_name(tmp_path: Path,
         assert part.get_filename() == name
         assert part["Content-Type"].params["name"] == name
     assert pdf.get_content() == b"%PDF"
+
+
+async def test_delivery_start_warns_of_a_localhost_ehlo_name(
+        tmp_path: Path, smtp_server: SMTPServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10 item 9: starting delivery through SMTP with an EHLO name of localhost
+    warns once, naming [transport.smtp] local_hostname."""
+    from ess_async import identity
+
+    identity._warned.clear()
+    caplog.set_level(logging.WARNING, logger="ess_async")
+    config = make_config(smtp_server.port, transport={"smtp": {
+        "port": smtp_server.port, "local_hostname": "localhost"}})
+    await Manager(tmp_path / "ws", config=config).process_workload()
+    assert any("EHLO" in r.getMessage() and "local_hostname" in r.getMessage()
+               for r in caplog.records)
+    identity._warned.clear()

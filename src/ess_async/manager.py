@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from .config import CONFIG_TEMPLATE, Config, load_config
 from .enqueue import Enqueuer, GroupCommit, prepare
 from .errors import EssError, MessageNotFound
+from .identity import check_ehlo_name
 from .journal import Journal, replay
 from .lock import WorkspaceLock
 from .ops import QueueOps
@@ -89,6 +90,7 @@ class Manager:
         self.rand = rand
         self.spool = Spool(self.workspace, max_size=self.config.server.max_message_size)
         self.policy = RetryPolicy.from_config(self.config.retry)
+        self._custom_transport = transport_factory
         self._transport_factory = transport_factory or (
             lambda: create_transport(self.config.transport, self.workspace))
         self._lock = WorkspaceLock(self.workspace)
@@ -235,6 +237,8 @@ class Manager:
             journal.compact_now()  # only the unsettled acceptances are kept
             self.spool.clean_tmp()
             self.prune()
+            if self.config.transport.type == "smtp" and self._custom_transport is None:
+                check_ehlo_name(self.config.transport.smtp.local_hostname)  # may ask DNS
         except BaseException:
             if journal is not None:
                 journal.close()
