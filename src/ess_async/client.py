@@ -30,7 +30,8 @@ class Client:
 
     def create_work(self, *, priority: str = "normal", send_at: object = None,
                     idempotency_key: str | None = None, **attrs: Any) -> Path:
-        """Same arguments as ``Manager.create_work``; returns the spooled file's path."""
+        """Same arguments as ``Manager.create_work`` (``message=`` included); returns the
+        spooled file's path."""
         prepared = prepare(attrs, self.config.message, now=time.time(), priority=priority,
                            send_at=send_at, idempotency_key=idempotency_key)
         if not self._ensured:

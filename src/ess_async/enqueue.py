@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import MessageError
 from .faults import crash_point
+from .imported import import_message
 from .message import build_message
 from .spool import PRIORITY_LETTERS, Spool, new_record
 
@@ -55,7 +56,10 @@ def _send_at(value: object) -> float | None:
 def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float,
             priority: str = "normal", send_at: object = None,
             idempotency_key: str | None = None) -> Prepared:
-    """Validate everything; raise MessageError naming the field; write nothing."""
+    """Validate everything; raise MessageError naming the field; write nothing.
+
+    ``attrs`` may hold ``message``: a message already built (an ``EmailMessage`` /
+    ``Message`` or raw bytes), with only the envelope beside it (see ``imported``)."""
     if priority not in PRIORITY_LETTERS:
         raise MessageError("priority", f"must be high, normal or low, not {priority!r}")
     when = _send_at(send_at)
@@ -64,7 +68,11 @@ def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float
         if not isinstance(idempotency_key, str) or not idempotency_key:
             raise MessageError("idempotency_key", "must be a non-empty string")
         key_hash = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
-    spec = build_message(attrs, defaults)
+    if attrs.get("message") is not None:
+        envelope = {k: v for k, v in attrs.items() if k != "message"}
+        spec = import_message(attrs["message"], envelope, defaults, now=now)
+    else:
+        spec = build_message({k: v for k, v in attrs.items() if k != "message"}, defaults)
     record = new_record(spec, now, priority=priority, send_at=when)
     if key_hash:
         record["idempotency_key_sha256"] = key_hash

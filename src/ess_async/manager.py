@@ -122,6 +122,11 @@ class Manager:
         headers, attachments, tags); ``priority`` is high, normal or low; ``send_at`` a
         datetime before which it is not sent; ``idempotency_key`` makes a repeated call
         return the first message's path while that message is in the spool.
+
+        ``message=`` enqueues a message already built (an ``email.message.EmailMessage``
+        / ``Message`` or raw RFC 5322 bytes) instead: only ``from_``, ``to``, ``cc``,
+        ``bcc`` and ``tags`` may accompany it (the envelope; by default from its From,
+        To, Cc and Bcc headers; Bcc is removed from the sent copy).
         """
         prepared = prepare(attrs, self.config.message, now=self.clock(), priority=priority,
                            send_at=send_at, idempotency_key=idempotency_key)
