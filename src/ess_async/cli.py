@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,45 @@ def _add_workspace(p: argparse.ArgumentParser) -> None:
                    help="spool folder (default: $ESS_DATA, else ./ess_data)")
 
 
+_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def _add_loop(p: argparse.ArgumentParser) -> None:
+    # Checked in main (not with choices): a bad value is one line on stderr, exit 2.
+    p.add_argument("--loop", default="auto", metavar="{auto,asyncio,uvloop}",
+                   help="event loop: uvloop if installed (auto, the default), or asyncio")
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for ``--loop``: None for asyncio's own. ``auto`` is uvloop when it
+    is installed (``pip install 'ess_async[speed]'``); ``uvloop`` requires it."""
+    if name not in _LOOPS:
+        raise _UsageError(f"--loop: unknown event loop {name!r} (auto, asyncio or uvloop)")
+    if name == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if name == "uvloop":
+            raise _UsageError("--loop uvloop: uvloop is not installed "
+                              "(pip install 'ess_async[speed]')") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+class _UsageError(ValueError):
+    pass
+
+
+def _run_with_loop(args: argparse.Namespace,
+                   runner: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> int:
+    factory = _loop_factory(getattr(args, "loop", "asyncio"))
+    with asyncio.Runner(loop_factory=factory) as loop_runner:
+        logger.debug("event loop: %s", type(loop_runner.get_loop()).__module__)
+        return loop_runner.run(runner(args))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ess-async",
                                      description="A durable asyncio email outbox.")
@@ -53,10 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="deliver until SIGTERM/SIGINT")
     _add_workspace(p)
     p.add_argument("--spawn", type=int, default=None, help="concurrent senders")
+    _add_loop(p)
 
     p = sub.add_parser("process", help="deliver what is due now, then exit")
     _add_workspace(p)
     p.add_argument("--spawn", type=int, default=None, help="concurrent senders")
+    _add_loop(p)
 
     p = sub.add_parser("email", help="queue one message")
     _add_workspace(p)
@@ -373,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(asyncio.run(Manager(_workspace(args)).cleanup())))
             return 0
         runner = {"serve": _serve, "process": _process, "demo": _demo}[args.command]
-        return asyncio.run(runner(args))
+        return _run_with_loop(args, runner)
     except (EssError, ValueError, OSError) as exc:
         print(f"ess-async {args.command}: error: {exc}", file=sys.stderr)
         return 2
