@@ -20,8 +20,10 @@ from .message import build_message
 __all__ = (
     "CONFIG_TEMPLATE",
     "Config",
+    "FileConfig",
     "MaildirConfig",
     "RetryConfig",
+    "SendmailConfig",
     "ServerConfig",
     "SmtpConfig",
     "TransportConfig",
@@ -85,10 +87,25 @@ class MaildirConfig:
 
 
 @dataclass(frozen=True)
+class SendmailConfig:
+    path: str = "/usr/sbin/sendmail"  # the program each message is piped to
+    # Its arguments: "{from}" is replaced by the envelope sender; the recipients follow.
+    args: list[str] = field(default_factory=lambda: ["-i", "-f", "{from}", "--"])
+    timeout: float = 60.0  # seconds before a program that has not exited is killed
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    path: str = "outbox"  # relative to the workspace: one .eml file per message
+
+
+@dataclass(frozen=True)
 class TransportConfig:
-    type: Literal["smtp", "maildir"] = "smtp"
+    type: Literal["smtp", "maildir", "sendmail", "file", "memory"] = "smtp"
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
+    file: FileConfig = field(default_factory=FileConfig)
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,10 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         return value
     if origin in (Union, types.UnionType):
         hint = next(a for a in get_args(hint) if a is not type(None))
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"must be a list of strings, not {value!r}")
+        return list(value)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         value = float(value)
     elif hint is int and (not isinstance(value, int) or isinstance(value, bool)):
@@ -250,7 +271,8 @@ max_age = 432000     # 5 days, then the message fails
 max_attempts = 0     # 0 = no limit but max_age
 
 [transport]
-type = "smtp"        # smtp | maildir (development: writes messages to a folder)
+type = "smtp"        # smtp | sendmail (pipe to a program) | maildir | file (one .eml
+                     # file per message) | memory; maildir and file are for development
 
 [transport.smtp]
 host = "127.0.0.1"

@@ -6,14 +6,25 @@ from pathlib import Path
 
 from ..config import TransportConfig
 from .base import SendResult, Transport
+from .file import FileTransport
 from .maildir import MaildirTransport
+from .sendmail import SendmailTransport
 from .smtp import SMTPTransport
 
-__all__ = ("MaildirTransport", "SMTPTransport", "SendResult", "Transport", "create_transport")
+__all__ = ("FileTransport", "MaildirTransport", "SMTPTransport", "SendResult",
+           "SendmailTransport", "Transport", "create_transport")
 
 
 def create_transport(config: TransportConfig, workspace: Path) -> Transport:
     """A new transport instance for one sender."""
     if config.type == "maildir":
         return MaildirTransport(workspace / config.maildir.path)
+    if config.type == "sendmail":
+        return SendmailTransport(config.sendmail)
+    if config.type == "file":
+        return FileTransport(workspace / config.file.path)
+    if config.type == "memory":
+        from .memory import MemoryTransport  # imported only when configured
+
+        return MemoryTransport()
     return SMTPTransport(config.smtp)
