@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
-from .enqueue import Enqueuer, prepare
+from .enqueue import Enqueuer, Prepared, prepare
 from .manager import default_workspace
 from .spool import Spool
 
@@ -34,6 +34,11 @@ class Client:
         spooled file's path."""
         prepared = prepare(attrs, self.config.message, now=time.time(), priority=priority,
                            send_at=send_at, idempotency_key=idempotency_key)
+        return self.commit_prepared(prepared)
+
+    def commit_prepared(self, prepared: Prepared) -> Path:
+        """Spool a message ``prepare`` validated (the Django backend validates at send
+        time and spools when a transaction commits); returns the spooled file's path."""
         if not self._ensured:
             self.spool.ensure()
             self._ensured = True
