@@ -75,6 +75,9 @@ class SmtpConfig:
     max_per_second: float = 0.0  # messages per second over all senders; 0 = no cap
     max_messages_per_connection: int = 0  # reconnect after this many; 0 = never
     idle_timeout: float = 5.0  # close a connection no sender has used for this long
+    # "auto": pipeline MAIL, RCPT and DATA (RFC 2920) when the server offers PIPELINING;
+    # "off": one command at a time (a server that advertises it and breaks it).
+    pipelining: Literal["auto", "off"] = "auto"
 
     def password(self) -> str | None:
         """The password from the environment; never stored on this object."""
@@ -291,6 +294,7 @@ max_connections = 0              # 0 = one per sender
 max_per_second = 0               # 0 = no rate cap
 max_messages_per_connection = 0  # 0 = keep connections open
 idle_timeout = 5                 # seconds an unused connection stays open
+pipelining = "auto"              # auto | off: MAIL, RCPT and DATA in one write (RFC 2920)
 
 [transport.maildir]
 path = "maildir"     # relative to the workspace

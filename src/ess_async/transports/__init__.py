@@ -8,11 +8,12 @@ from ..config import TransportConfig
 from .base import SendResult, Transport
 from .file import FileTransport
 from .maildir import MaildirTransport
+from .pipelining import PipeliningTransport
 from .sendmail import SendmailTransport
 from .smtp import SMTPTransport
 
-__all__ = ("FileTransport", "MaildirTransport", "SMTPTransport", "SendResult",
-           "SendmailTransport", "Transport", "create_transport")
+__all__ = ("FileTransport", "MaildirTransport", "PipeliningTransport", "SMTPTransport",
+           "SendResult", "SendmailTransport", "Transport", "create_transport")
 
 
 def create_transport(config: TransportConfig, workspace: Path) -> Transport:
@@ -27,4 +28,7 @@ def create_transport(config: TransportConfig, workspace: Path) -> Transport:
         from .memory import MemoryTransport  # imported only when configured
 
         return MemoryTransport()
+    if config.smtp.pipelining == "auto":
+        # Pipelines where the server offers PIPELINING; one command at a time elsewhere.
+        return PipeliningTransport(config.smtp)
     return SMTPTransport(config.smtp)
