@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from email import message_from_bytes, policy
 from email.message import EmailMessage, Message
 from email.mime.text import MIMEText
 from pathlib import Path
@@ -120,13 +121,23 @@ def test_missing_from_date_message_id_added(tmp_path: Path) -> None:
     assert record["mail_from"] == "sender@example.com"
 
 
-def test_utf8_headers_make_an_smtputf8_message(tmp_path: Path) -> None:
-    """Issue 13 part 2: raw UTF-8 headers (RFC 6532) are kept and need SMTPUTF8; 8-bit
-    Latin-1 headers are a MessageError."""
+def test_raw_utf8_headers(tmp_path: Path) -> None:
+    """Issue 13 part 2: raw UTF-8 headers (RFC 6532, as PHP's mail() writes them) are
+    rewritten in 7 bits where they can be (Subject in encoded-words, display names); a
+    UTF-8 mailbox keeps them raw and makes an SMTPUTF8 message; Latin-1 bytes in a
+    header are a MessageError."""
     client = Client(tmp_path / "ws", config=make_config(2525))
-    raw = "To: a@example.com\nSubject: Grüße\n\nhi\n".encode()
+    raw = "To: Jörg <j@example.com>\nSubject: Grüße\nX-Note: ok\n\nhi\n".encode()
     record = _record(client.create_work(message=raw))
-    assert record["smtputf8"] is True and "Subject: Grüße\r\n" in str(record["raw"])
+    assert record["smtputf8"] is False
+    text = str(record["raw"])
+    assert text.isascii() and "\r\nX-Note: ok\r\n" in text
+    assert record["subject"] == "Grüße" and record["to"] == ["Jörg <j@example.com>"]
+    parsed = message_from_bytes(text.encode().replace(b"\r\n", b"\n"), policy=policy.default)
+    assert (parsed["Subject"], parsed["To"]) == ("Grüße", "Jörg <j@example.com>")
+    utf8 = _record(client.create_work(message="To: jörg@example.com\nSubject: Grüße\n\nhi\n"
+                                      .encode()))
+    assert utf8["smtputf8"] is True and utf8["recipients"] == ["jörg@example.com"]
     with pytest.raises(MessageError) as info:
         client.create_work(message="To: a@example.com\nSubject: Grüße\n\nhi\n".encode("latin-1"))
     assert info.value.field == "headers.Subject"

@@ -49,7 +49,7 @@ from .message import (
     _tags,
     parse_address,
 )
-from .mime import LINE, address_header
+from .mime import LINE, address_header, unstructured_header
 from .parts import crlf
 
 __all__ = ("ENVELOPE_FIELDS", "import_message")
@@ -59,6 +59,10 @@ ENVELOPE_FIELDS = frozenset({"from_", "to", "cc", "bcc", "tags"})
 _ONCE = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "subject", "date",
                    "message-id", "in-reply-to", "references", "mime-version"})
 _ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc")
+# Headers with a syntax of their own: never rewritten as unstructured text.
+_STRUCTURED = frozenset({"date", "message-id", "in-reply-to", "references", "received",
+                         "return-path", "mime-version", "resent-date", "resent-message-id",
+                         "dkim-signature", "list-id", "list-unsubscribe", "authentication-results"})
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 _MAX_LINE = 998
 
@@ -117,6 +121,24 @@ def _value(name: str, field: bytes) -> str:
     if bad:
         raise MessageError(f"headers.{name}", f"must not contain {bad.group()!r}")
     return value.strip(" \t")
+
+
+def _seven_bit_header(name: str, value: str, field: bytes) -> bytes:
+    """A header written in raw UTF-8 (RFC 6532), rewritten in 7 bits when it can be: an
+    unstructured one (Subject, X-...) in RFC 2047 encoded-words, an address list with
+    ASCII mailboxes with its display names encoded. Others stay UTF-8 (then the message
+    needs SMTPUTF8)."""
+    lower = name.lower()
+    if lower in _ADDRESS_HEADERS and lower != "bcc":
+        addresses = _addresses(lower, value)
+        groups = any(token[0].token_type == "group"
+                     for token in get_address_list(value)[0].addresses)
+        if addresses and not groups and all(a.username.isascii() for a in addresses):
+            return address_header(name, addresses).encode("ascii")
+        return field
+    if lower.startswith("content-") or lower in _STRUCTURED:
+        return field
+    return unstructured_header(name, value).encode("ascii")
 
 
 def _addresses(name: str, value: str) -> list[Address]:
@@ -197,11 +219,11 @@ def import_message(message: object, attrs: Mapping[str, Any],
     fields, body = _split(crlf(data))
 
     values: dict[str, list[str]] = {}
-    utf8 = False
-    for name, field in fields:
+    for index, (name, field) in enumerate(fields):
         lower = name.lower()
         value = _value(name, field)
-        utf8 = utf8 or not field.isascii()
+        if not field.isascii():
+            fields[index] = (name, _seven_bit_header(name, value, field))
         if lower in _ONCE and lower in values:
             raise MessageError(f"headers.{name}", "given twice (a message has one at most)")
         values.setdefault(lower, []).append(value)
@@ -215,6 +237,7 @@ def import_message(message: object, attrs: Mapping[str, Any],
             raise MessageError(f"headers.{name}", f"not a message id <left@right>: {value!r}")
     header_addresses = {name: _addresses(name, values[name][0])
                         for name in _ADDRESS_HEADERS if name in values}
+    utf8 = not all(field.isascii() for name, field in fields if name.lower() != "bcc")
 
     if any(k in given for k in ("to", "cc", "bcc")):
         to, cc, bcc = (_address_list(k, given.get(k)) for k in ("to", "cc", "bcc"))
