@@ -13,7 +13,9 @@ than one mailbox), else ``[message] from``; recipients: ``to``/``cc``/``bcc`` wh
 given, else the To, Cc and Bcc headers. Other message attributes (subject, body, ...) are
 a MessageError: the message carries them. Bodies in 8 bits (or with lines over 998
 octets) are re-encoded in quoted-printable (text) or base64, so the spooled message is
-7-bit; headers in raw UTF-8 (RFC 6532) make it an SMTPUTF8 message.
+7-bit. Headers in raw UTF-8 (RFC 6532) are rewritten in RFC 2047 encoded-words where
+they can be (unstructured ones, display names); a UTF-8 mailbox keeps them raw and makes
+it an SMTPUTF8 message.
 
 The same validation as for ``create_work``'s attributes applies: CR, LF or another
 control character in a header value, a malformed address (``to[1]: malformed address``),
