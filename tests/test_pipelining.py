@@ -22,6 +22,7 @@ from ess_async.errors import PermanentDeliveryError, TemporaryDeliveryError
 from ess_async.transports import PipeliningTransport, SMTPTransport, create_transport
 from ess_async.transports.base import SendResult
 
+from . import test_crash as crash
 from . import test_recipient_limits as limits
 from . import test_smtp_protocol as protocol
 from .conftest import RecordingHandler, SMTPServer, make_config
@@ -379,3 +380,6 @@ test_reused_lost_after_later_data = \
 test_reused_lost_at_later_mail = limits.test_connection_lost_at_a_later_mail_is_not_sent
 test_reused_cancel_later = limits.test_cancel_during_a_later_transaction_keeps_the_earlier_delivery
 test_reused_nothing_accepted = limits.test_nothing_accepted_still_raises
+# Processes killed at each crash point (after_mail_from, during_data, after_250, ...) with
+# the pipelined path in use: nothing lost, no duplicate but after_250's one.
+test_reused_crash_while_delivering = crash.test_crash_while_delivering

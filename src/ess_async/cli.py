@@ -135,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spawn", type=int, default=3)
 
     sub.add_parser("version", help="print the version")
+    # Parsed by ess_async.sendmail (sendmail's getopt-style options); listed for --help.
+    sub.add_parser("sendmail", add_help=False,
+                   help="queue a message read on stdin, as sendmail does "
+                        "(-t, -i, -f ADDR, -F NAME, -bp; see ess-sendmail --help)")
     _add_queue_commands(sub)
     return parser
 
@@ -385,7 +389,23 @@ def cli(*argv: str) -> int:
     return main(list(argv))
 
 
+def _sendmail_argv(argv: Sequence[str]) -> list[str] | None:
+    """The arguments after ``sendmail`` when that is the command (after any
+    ``--log-level``), else None: sendmail's options are not argparse's."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("--log-level"):
+        i += 1 if "=" in argv[i] else 2
+    if i < len(argv) and argv[i] == "sendmail":
+        return list(argv[i + 1:])
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    sendmail_argv = _sendmail_argv(sys.argv[1:] if argv is None else argv)
+    if sendmail_argv is not None:
+        from . import sendmail
+
+        return sendmail.main(sendmail_argv, prog="ess-async sendmail")
     args = parseargs(argv)
     # The demo prints its own summary; everything else logs each event at INFO.
     level = args.log_level or ("WARNING" if args.command == "demo" else "INFO")

@@ -298,4 +298,12 @@ pipelining = "auto"              # auto | off: MAIL, RCPT and DATA in one write 
 
 [transport.maildir]
 path = "maildir"     # relative to the workspace
+
+[transport.sendmail]
+path = "/usr/sbin/sendmail"      # the program each message is piped to (LF line ends)
+args = ["-i", "-f", "{from}", "--"]   # {from}: the envelope sender; recipients follow
+timeout = 60                     # seconds; a program still running then is killed
+
+[transport.file]
+path = "outbox"      # relative to the workspace: <id>.eml per message, as sent (CRLF)
 """

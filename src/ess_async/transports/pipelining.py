@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from collections import deque
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -186,8 +187,8 @@ class _Connection:
     """A connection taken over from aiosmtplib after EHLO (and STARTTLS, AUTH)."""
 
     def __init__(self, smtp: aiosmtplib.SMTP) -> None:
-        transport = smtp.transport
-        assert isinstance(transport, asyncio.Transport)
+        # Any loop's transport (uvloop's are not asyncio.Transport subclasses).
+        transport = cast(asyncio.Transport, smtp.transport)
         self.extensions = dict(smtp.esmtp_extensions)
         # Detached: aiosmtplib no longer reads, writes or closes this connection.
         smtp.transport = None
