@@ -20,6 +20,8 @@ from .message import build_message
 __all__ = (
     "CONFIG_TEMPLATE",
     "Config",
+    "DkimConfig",
+    "DkimKeyConfig",
     "FileConfig",
     "MaildirConfig",
     "RetryConfig",
@@ -44,6 +46,8 @@ class ServerConfig:
     keep_passed: int = 0  # at most this many passed/ records; 0 = no limit
     keep_failed: int = 0
     journal_compact_after: int = 20_000  # journal entries before it is rewritten
+    metrics: str = ""  # HOST:PORT serving /metrics (Prometheus) and /healthz; "" = off
+    unhealthy_after: float = 300.0  # /healthz says 503 once a due message waited longer
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,33 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class DkimKeyConfig:
+    selector: str = ""
+    key_file: str = ""  # PEM (RSA or Ed25519); relative to the workspace
+    domain: str = ""  # the d= domain; default: the From domain the key is for
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    domain: str = ""  # the default key's d= domain; signs From this domain and subdomains
+    selector: str = ""
+    key_file: str = ""  # PEM (RSA or Ed25519); relative to the workspace; "" = no signing
+    headers: list[str] = field(default_factory=lambda: [
+        "from", "from", "reply-to", "subject", "date", "to", "cc", "message-id",
+        "in-reply-to", "references", "mime-version", "content-type",
+        "content-transfer-encoding", "list-unsubscribe", "list-unsubscribe-post", "list-id"])
+    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                              "simple/simple"] = "relaxed/relaxed"
+    keys: dict[str, DkimKeyConfig] = field(default_factory=dict)  # by From domain
+
+
+@dataclass(frozen=True)
 class Config:
     message: dict[str, Any] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
 
 
 _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags",
@@ -126,7 +152,8 @@ _ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
                   "keep_passed", "keep_failed"}
 _POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
              "max_backoff", "max_age", "max_message_size", "connect_timeout",
-             "command_timeout", "data_timeout", "final_reply_timeout", "idle_timeout"}
+             "command_timeout", "data_timeout", "final_reply_timeout", "idle_timeout",
+             "unhealthy_after"}
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -170,6 +197,11 @@ def _build(cls: type[Any], table: object, prefix: str) -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, full)  # type: ignore[arg-type]
+        elif get_origin(hint) is dict and dataclasses.is_dataclass(get_args(hint)[1]):
+            if not isinstance(value, dict):  # a table of tables: [dkim.keys."example.org"]
+                raise ConfigError(full, "must be a table")
+            kwargs[key] = {name: _build(get_args(hint)[1], sub, f'{full}."{name}"')
+                           for name, sub in value.items()}
         elif key == "message":
             kwargs[key] = _message_defaults(value)
         else:
@@ -218,6 +250,43 @@ def check_plaintext_auth(smtp: SmtpConfig) -> None:
             "allow_plaintext_auth = true for a relay on localhost")
 
 
+def parse_listen(value: str, key: str = "--metrics") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9465`` for IPv6) -> (host, port); port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(key, f"must be HOST:PORT, such as 127.0.0.1:9465, not {value!r}")
+    return host, int(port)
+
+
+def _check_dkim(dkim: DkimConfig) -> None:
+    """Each key names its selector and file (read when delivery starts, not here)."""
+    tables: list[tuple[str, DkimKeyConfig | DkimConfig]] = [("dkim", dkim)]
+    tables += [(f'dkim.keys."{name}"', key) for name, key in dkim.keys.items()]
+    if not dkim.key_file and (dkim.domain or dkim.selector):
+        raise ConfigError("dkim.key_file", "is needed with dkim.domain and dkim.selector")
+    for prefix, table in tables:
+        if table is dkim and not dkim.key_file:
+            continue
+        domain = table.domain or (prefix.split('"')[1] if table is not dkim else "")
+        for name in ("domain", "selector", "key_file"):
+            if name == "domain" and table is not dkim:
+                continue
+            if not getattr(table, name):
+                raise ConfigError(f"{prefix}.{name}", "is needed to sign")
+        for name, value in (("domain", domain), ("selector", table.selector)):
+            labels = value.rstrip(".").split(".")
+            if not value.isascii() or not all(
+                    label and all(c.isalnum() or c in "-_" for c in label) for label in labels):
+                raise ConfigError(f"{prefix}.{name}" if name != "domain" or table.domain
+                                  else prefix, f"not a DNS name: {value!r}")
+    if "from" not in [h.lower() for h in dkim.headers]:
+        raise ConfigError("dkim.headers", "must include From (RFC 6376)")
+    for header in dkim.headers:
+        if header.lower() in ("bcc", "resent-bcc", "return-path", "received", "dkim-signature"):
+            raise ConfigError("dkim.headers", f"{header} must not be signed")
+
+
 def parse_config(data: dict[str, Any], source: object = None) -> Config:
     """Build a Config from an already-parsed TOML document."""
     try:
@@ -228,6 +297,12 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
         raise ConfigError(exc.key, exc.problem, path=source) from None
     if config.retry.max_backoff < config.retry.min_backoff:
         raise ConfigError("retry.max_backoff", "must be at least retry.min_backoff", path=source)
+    try:
+        _check_dkim(config.dkim)
+        if config.server.metrics:
+            parse_listen(config.server.metrics, "server.metrics")
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, path=source) from None
     return config
 
 
@@ -266,6 +341,8 @@ keep_failed_days = 0
 keep_passed = 0      # retention: keep at most this many passed/ records; 0 = no limit
 keep_failed = 0
 # journal_compact_after = 20000   # claims journal entries before it is rewritten
+metrics = ""         # "127.0.0.1:9465": Prometheus /metrics and /healthz there; "" = off
+unhealthy_after = 300  # /healthz is 503 once the oldest due message waited this long
 
 [retry]
 min_backoff = 60     # seconds before a temporarily failed message is tried again
@@ -306,4 +383,22 @@ timeout = 60                     # seconds; a program still running then is kill
 
 [transport.file]
 path = "outbox"      # relative to the workspace: <id>.eml per message, as sent (CRLF)
+
+[dkim]
+# Sign with DKIM (pip install 'ess_async[dkim]'). The default key signs messages whose
+# From domain is `domain` or a subdomain of it; other From domains need a key below, or
+# go unsigned. Key files (PEM, RSA >= 1024 bits or Ed25519) are read when delivery
+# starts; relative paths are in the workspace.
+# domain = "example.com"
+# selector = "s2025"               # publish the key at s2025._domainkey.example.com
+# key_file = "dkim/s2025.pem"
+# headers = ["from", "from", "reply-to", "subject", "date", "to", "cc", "message-id",
+#            "in-reply-to", "references", "mime-version", "content-type",
+#            "content-transfer-encoding", "list-unsubscribe", "list-unsubscribe-post",
+#            "list-id"]            # From twice: a second From breaks the signature
+# canonicalization = "relaxed/relaxed"   # header/body: relaxed or simple
+#
+# [dkim.keys."example.org"]        # messages From example.org (domain defaults to it)
+# selector = "mail"
+# key_file = "dkim/example.org.pem"
 """

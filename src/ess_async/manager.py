@@ -22,12 +22,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from .config import CONFIG_TEMPLATE, Config, load_config
+from .config import CONFIG_TEMPLATE, Config, load_config, parse_listen
+from .dkim import DkimSigner
 from .enqueue import Enqueuer, GroupCommit, prepare
 from .errors import EssError, MessageNotFound
 from .identity import check_ehlo_name
 from .journal import Journal, replay
 from .lock import WorkspaceLock
+from .metrics import LAST_ERROR_NAME, MetricsServer
 from .ops import QueueOps
 from .outcome import Outcome, message_id
 from .pool import TransportPool
@@ -102,6 +104,10 @@ class Manager:
         self._commit = GroupCommit(Enqueuer(self.spool)).commit
         self.last_recovery: dict[str, int] = {}
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        # Issue 14: HOST:PORT of /metrics and /healthz while delivering ("" = off; the
+        # CLI's serve --metrics sets it), and the server while it runs.
+        self.metrics_listen = self.config.server.metrics
+        self.metrics: MetricsServer | None = None
 
     @property
     def config_path(self) -> Path:
@@ -236,6 +242,9 @@ class Manager:
                 log = os.fdopen(fd, "a", encoding="utf-8")
             dispatcher = Dispatcher(self.spool, journal, self.policy, clock=self.clock,
                                     rand=self.rand, throttle=throttle, delivery_log=log)
+            dispatcher.stats.error_file = self.workspace / LAST_ERROR_NAME
+            # DKIM keys are read once, here: a bad key file is a ConfigError at start.
+            dispatcher.signer = DkimSigner.from_config(self.config.dkim, self.workspace)
             self.last_recovery = settled = dispatcher.recover(entries)
             if any(settled.values()):
                 logger.info("recovered claims from an earlier run: %s", settled)
@@ -273,6 +282,9 @@ class Manager:
                                 exc, len(run.dispatcher.unsettled))
         finally:
             journal.close()
+            run.dispatcher.stats.close()
+            if run.dispatcher.signer is not None:
+                run.dispatcher.signer.close()
             if run.dispatcher.delivery_log is not None:
                 run.dispatcher.delivery_log.close()
             self._run = None
@@ -476,6 +488,7 @@ class Manager:
                 self._offer(run, item.msg_id, "queued")
         except OSError as exc:  # SpoolError included: a full disk, say
             logger.error("spool error on message %s: %s", item.msg_id, exc)
+            run.dispatcher.stats.store_error(exc)
             await asyncio.sleep(1.0)  # no hot loop while the disk is in trouble
             self._resume(run, item.msg_id)
         finally:
@@ -572,12 +585,14 @@ class Manager:
             await self._load_waiting(run, "scheduled")
             await self._scan_queued(run)
             logger.info("delivering %s with %d senders", self.workspace, self.spawn)
+            await self._start_metrics()
             await run.stop_event.wait()
             run.live = False
             watch_stop.set()
             await self._shutdown(run, helpers)
             return run.dispatcher.summary
         finally:
+            await self._stop_metrics()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             for task in self.workers:
@@ -623,3 +638,17 @@ class Manager:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.stop()
+
+    # -- metrics and health (issue 14 part 2) ----------------------------------------
+
+    async def _start_metrics(self) -> None:
+        if self.metrics_listen:
+            host, port = parse_listen(self.metrics_listen, "server.metrics")
+            server = MetricsServer(self, host, port)
+            await server.start()
+            self.metrics = server
+
+    async def _stop_metrics(self) -> None:
+        server, self.metrics = self.metrics, None
+        if server is not None:
+            await server.stop()

@@ -22,10 +22,12 @@ from typing import Any, TextIO
 
 import aiofiles.os
 
+from .dkim import DkimSigner
 from .errors import DeliveryError, SpoolError, TemporaryDeliveryError
 from .faults import crash_point, fail_point
 from .journal import Journal
 from .message import stamp_date
+from .metrics import DeliveryStats
 from .retry import RetryPolicy
 from .spool import CorruptRecord, Spool
 from .throttle import Throttle
@@ -86,6 +88,8 @@ class Dispatcher:
         # Accepted by the server, but their next record could not be written yet.
         self.unsettled: dict[str, dict[str, Any]] = {}
         self.summary = WorkloadSummary()
+        self.stats = DeliveryStats(clock)  # metrics and health (issue 14)
+        self.signer: DkimSigner | None = None  # DKIM: signs the bytes of each attempt
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._read = aiofiles.os.wrap(spool.read)
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
@@ -137,12 +141,17 @@ class Dispatcher:
             # No Date was given: it is this first attempt's time, and retries keep it.
             record["raw"] = stamp_date(record["raw"], record["last_attempt_at"])
         transport.checkpoint = functools.partial(self._checkpoint, record)
+        started = time.perf_counter()
         try:
             utf8 = bool(record.get("smtputf8"))
-            result = await transport.send(record["mail_from"], record["recipients"],
-                                          record["raw"].encode("utf-8" if utf8 else "ascii"),
+            raw = record["raw"].encode("utf-8" if utf8 else "ascii")
+            if self.signer is not None:  # the bytes signed are the bytes sent
+                raw = await self.signer.sign(raw)
+                started = time.perf_counter()
+            result = await transport.send(record["mail_from"], record["recipients"], raw,
                                           smtputf8=utf8)
         except DeliveryError as exc:
+            self.stats.attempt(time.perf_counter() - started, exc.code, exc)
             if exc.pushback:
                 self.throttle.push_back()
                 logger.warning("server pushed back (%s): %d concurrent sends, pausing",
@@ -177,6 +186,7 @@ class Dispatcher:
             return await self._finish_failed(record, DeliveryError(
                 f"internal error: {exc!r}", outcome_unknown=transport.outcome_pending))
         crash_point("after_250")
+        self.stats.attempt(time.perf_counter() - started, result.code)
         self.throttle.success()
         # From here on the message is delivered: finish even if the run is being cancelled.
         entry = self._accepted_entry(record, result)
@@ -424,6 +434,7 @@ class Dispatcher:
                  "tags": record.get("tags") or []}
         if state == "deferred":
             event["next_attempt_at"] = record.get("next_attempt_at")
+        self.stats.outcome(state, event["code"])
         level = logging.INFO if state in ("passed", "deferred") else logging.WARNING
         logger.log(level, "message %s %s: %d recipient(s), attempt %d, %s %s", record["id"],
                    state, event["recipients"], event["attempts"], event["code"] or "-",
