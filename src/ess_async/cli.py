@@ -140,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="queue a message read on stdin, as sendmail does "
                         "(-t, -i, -f ADDR, -F NAME, -bp; see ess-sendmail --help)")
     _add_queue_commands(sub)
+    _add_suppress_command(sub)
     return parser
 
 
@@ -384,6 +385,55 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_suppress_command(sub: Any) -> None:
+    p = sub.add_parser("suppress", help="the suppression list: list, add, remove, check")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("list", help="every listed address")
+    _add_workspace(q)
+    q.add_argument("--json", action="store_true")
+    q = actions.add_parser("add", help="list an address (a bounce, a complaint)")
+    _add_workspace(q)
+    q.add_argument("address")
+    q.add_argument("--reason", default="manual")
+    for name, text in (("remove", "take an address off the list (exit 1 if not listed)"),
+                       ("check", "exit 0 if the address is listed, 1 if not")):
+        q = actions.add_parser(name, help=text)
+        _add_workspace(q)
+        q.add_argument("address")
+
+
+def _cmd_suppress(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .suppression import SuppressionList
+
+    workspace = _workspace(args)
+    config = load_config(workspace / "config.toml")
+    suppression = SuppressionList(workspace, ttl_days=config.suppression.ttl_days)
+    if args.action == "list":
+        entries = suppression.entries()
+        if args.json:
+            print(json.dumps(entries, ensure_ascii=False))
+        for entry in [] if args.json else entries:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["at"]))
+            detail = f"{entry.get('code')} {entry.get('reply')}" if entry.get("code") else ""
+            print(f"{entry['address']}  {when}  {entry.get('reason', '')}  {detail}".rstrip())
+        return 0
+    if args.action == "add":
+        added = suppression.add(args.address, reason=args.reason)
+        print(f"suppressed {added['address']}")
+        return 0
+    if args.action == "remove":
+        removed = suppression.remove(args.address)
+        print(f"{'removed' if removed else 'not listed:'} {args.address}")
+        return 0 if removed else 1
+    found = suppression.get(args.address)
+    if found is None:
+        print(f"not listed: {args.address}")
+        return 1
+    print(f"listed: {found['address']} ({found.get('reason', '')})")
+    return 0
+
+
 def cli(*argv: str) -> int:
     """Run a command as the console script would; returns the exit status."""
     return main(list(argv))
@@ -424,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_testmail(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "suppress":
+            return _cmd_suppress(args)
         if args.command == "stop":
             return _cmd_stop(args)
         if args.command in _QUEUE_COMMANDS:

@@ -11,6 +11,7 @@ from .config import Config, load_config
 from .enqueue import Enqueuer, Prepared, prepare
 from .manager import default_workspace
 from .spool import Spool
+from .suppression import SuppressionList
 
 __all__ = ("Client",)
 
@@ -26,14 +27,19 @@ class Client:
             self.workspace / "config.toml")
         self.spool = Spool(self.workspace, max_size=self.config.server.max_message_size)
         self._enqueuer = Enqueuer(self.spool)
+        self.suppression = SuppressionList(self.workspace,
+                                           ttl_days=self.config.suppression.ttl_days)
         self._ensured = False
 
     def create_work(self, *, priority: str = "normal", send_at: object = None,
-                    idempotency_key: str | None = None, **attrs: Any) -> Path:
-        """Same arguments as ``Manager.create_work`` (``message=`` included); returns the
-        spooled file's path."""
+                    idempotency_key: str | None = None, expires_at: object = None,
+                    expires_in: object = None, force: bool = False, **attrs: Any) -> Path:
+        """Same arguments as ``Manager.create_work`` (``message=``, ``expires_at``,
+        ``expires_in`` and ``force`` included); returns the spooled file's path."""
         prepared = prepare(attrs, self.config.message, now=time.time(), priority=priority,
-                           send_at=send_at, idempotency_key=idempotency_key)
+                           send_at=send_at, idempotency_key=idempotency_key,
+                           expires_at=expires_at, expires_in=expires_in,
+                           suppressed=self.suppression.check, force=force)
         return self.commit_prepared(prepared)
 
     def commit_prepared(self, prepared: Prepared) -> Path:

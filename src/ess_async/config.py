@@ -22,12 +22,14 @@ __all__ = (
     "Config",
     "DkimConfig",
     "DkimKeyConfig",
+    "EventsConfig",
     "FileConfig",
     "MaildirConfig",
     "RetryConfig",
     "SendmailConfig",
     "ServerConfig",
     "SmtpConfig",
+    "SuppressionConfig",
     "TransportConfig",
     "check_plaintext_auth",
     "load_config",
@@ -137,11 +139,27 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class SuppressionConfig:
+    ttl_days: float = 0.0  # entries older than this are no longer listed; 0 = forever
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    webhook: str = ""  # POST every delivery event as JSON here (http:// or https://)
+    secret_env: str = "ESS_EVENTS_SECRET"  # variable holding the HMAC-SHA256 key
+    timeout: float = 10.0  # seconds per webhook request
+    retries: int = 5  # webhook retries after a network error, 408, 429 or 5xx
+    queue_size: int = 10_000  # events waiting per handler before new ones are dropped
+
+
+@dataclass(frozen=True)
 class Config:
     message: dict[str, Any] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
 
 
@@ -149,8 +167,8 @@ _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "
                                    "message_id_domain"})
 _ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
                   "max_messages_per_connection", "keep_passed_days", "keep_failed_days",
-                  "keep_passed", "keep_failed"}
-_POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
+                  "keep_passed", "keep_failed", "ttl_days", "retries"}
+_POSITIVE = {"queue_size", "spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
              "max_backoff", "max_age", "max_message_size", "connect_timeout",
              "command_timeout", "data_timeout", "final_reply_timeout", "idle_timeout",
              "unhealthy_after"}
@@ -297,6 +315,11 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
         raise ConfigError(exc.key, exc.problem, path=source) from None
     if config.retry.max_backoff < config.retry.min_backoff:
         raise ConfigError("retry.max_backoff", "must be at least retry.min_backoff", path=source)
+    webhook = config.events.webhook
+    if webhook and (not webhook.startswith(("http://", "https://"))
+                    or not webhook.split("://", 1)[1]):
+        raise ConfigError("events.webhook", f"must be an http:// or https:// URL, not "
+                          f"{webhook[:80]!r}", path=source)
     try:
         _check_dkim(config.dkim)
         if config.server.metrics:
@@ -401,4 +424,15 @@ path = "outbox"      # relative to the workspace: <id>.eml per message, as sent 
 # [dkim.keys."example.org"]        # messages From example.org (domain defaults to it)
 # selector = "mail"
 # key_file = "dkim/example.org.pem"
+
+[suppression]        # addresses never sent to (ess-async suppress list|add|remove|check)
+ttl_days = 0         # entries older than this are forgotten; 0 = kept until removed
+
+[events]             # delivery events (Manager(on_event=...)) also POSTed to a webhook
+webhook = ""         # "https://hooks.example.com/ess": JSON, needs ess_async[events]
+secret_env = "ESS_EVENTS_SECRET"   # HMAC-SHA256 key for X-Ess-Signature (required with
+                                   # a webhook); the secret never goes in this file
+timeout = 10         # seconds per webhook request
+retries = 5          # after network errors, 408, 429 and 5xx (1 s, 2 s, 4 s, ... backoff)
+queue_size = 10000   # events waiting per handler; beyond that new ones are dropped
 """

@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .errors import MessageError
+from .expiry import parse_expiry
 from .faults import crash_point
 from .imported import import_message
 from .message import build_message
 from .spool import PRIORITY_LETTERS, Spool, new_record
+from .suppression import apply as apply_suppression
 
 __all__ = ("Enqueuer", "GroupCommit", "Prepared", "prepare")
 
@@ -55,8 +57,16 @@ def _send_at(value: object) -> float | None:
 
 def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float,
             priority: str = "normal", send_at: object = None,
-            idempotency_key: str | None = None) -> Prepared:
+            idempotency_key: str | None = None, expires_at: object = None,
+            expires_in: object = None,
+            suppressed: Callable[[list[str]], list[str]] | None = None,
+            force: bool = False) -> Prepared:
     """Validate everything; raise MessageError naming the field; write nothing.
+
+    ``expires_at`` (a datetime or timestamp) / ``expires_in`` (seconds): never sent after
+    then (``expiry``). ``suppressed`` returns the recipients on the suppression list:
+    they are taken off the envelope, and a message left with none is recorded as failed
+    with reason "suppressed" (``suppression.apply``); ``force=True`` skips the check.
 
     ``attrs`` may hold ``message``: a message already built (an ``EmailMessage`` /
     ``Message`` or raw bytes), with only the envelope beside it (see ``imported``)."""
@@ -73,7 +83,14 @@ def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float
         spec = import_message(attrs["message"], envelope, defaults, now=now)
     else:
         spec = build_message({k: v for k, v in attrs.items() if k != "message"}, defaults)
+    expires = parse_expiry(expires_at, expires_in, now=now, send_at=when)
     record = new_record(spec, now, priority=priority, send_at=when)
+    if expires is not None:
+        record["expires_at"] = expires
+    if suppressed is not None and not force:
+        listed = suppressed(record["recipients"])
+        if listed:
+            apply_suppression(record, listed, now)
     if key_hash:
         record["idempotency_key_sha256"] = key_hash
     return Prepared(record, key_hash)

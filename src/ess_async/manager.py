@@ -25,7 +25,8 @@ from typing import Any, TextIO
 from .config import CONFIG_TEMPLATE, Config, load_config, parse_listen
 from .dkim import DkimSigner
 from .enqueue import Enqueuer, GroupCommit, prepare
-from .errors import EssError, MessageNotFound
+from .errors import ConfigError, EssError, MessageNotFound
+from .events import EventBus, Webhook, callback_sink, event_kind, make_event
 from .identity import check_ehlo_name
 from .journal import Journal, replay
 from .lock import WorkspaceLock
@@ -36,6 +37,7 @@ from .pool import TransportPool
 from .retry import RetryPolicy
 from .sender import Dispatcher, WorkItem, WorkloadSummary
 from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
+from .suppression import SuppressionList
 from .throttle import Throttle
 from .transports import Transport, create_transport
 from .watcher import watch_queued
@@ -82,7 +84,8 @@ class Manager:
                  spawn: int | None = None, config: Config | None = None,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
-                 transport_factory: Callable[[], Transport] | None = None) -> None:
+                 transport_factory: Callable[[], Transport] | None = None,
+                 on_event: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.workspace = Path(workspace).absolute() if workspace else default_workspace()
         self.config = config if config is not None else load_config(self.config_path)
         if spawn is not None and (not isinstance(spawn, int) or spawn < 1):
@@ -104,10 +107,60 @@ class Manager:
         self._commit = GroupCommit(Enqueuer(self.spool)).commit
         self.last_recovery: dict[str, int] = {}
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self.suppression = SuppressionList(self.workspace,
+                                           ttl_days=self.config.suppression.ttl_days,
+                                           clock=clock)
+        self.events = self._event_bus(on_event)
+        self._background: set[asyncio.Future[Any]] = set()
         # Issue 14: HOST:PORT of /metrics and /healthz while delivering ("" = off; the
         # CLI's serve --metrics sets it), and the server while it runs.
         self.metrics_listen = self.config.server.metrics
         self.metrics: MetricsServer | None = None
+
+    def _event_bus(self, on_event: Callable[[dict[str, Any]], Any] | None) -> EventBus | None:
+        """Delivery events (issue 14 part 7): the callback and/or the [events] webhook."""
+        sinks = [] if on_event is None else [callback_sink(on_event)]
+        events = self.config.events
+        if events.webhook:
+            secret = os.environ.get(events.secret_env) if events.secret_env else None
+            if not secret:
+                raise ConfigError("events.secret_env", f"the webhook's signing secret: set "
+                                  f"${events.secret_env or 'ESS_EVENTS_SECRET'}")
+            sinks.append(Webhook(events.webhook, secret.encode("utf-8"),
+                                 timeout=events.timeout, retries=events.retries))
+        return EventBus(sinks, maxsize=events.queue_size) if sinks else None
+
+    def _emit(self, kind: str, record: dict[str, Any], recipients: list[str] | None = None,
+              ) -> None:
+        if self.events is not None:
+            self.events.emit(make_event(kind, record, self.clock(), recipients=recipients))
+
+    def _on_outcome(self, state: str, record: dict[str, Any]) -> None:
+        """A sender finished a step: list addresses refused for good, emit the event."""
+        if state in ("passed", "deferred", "failed") and record.get("refused"):
+            task = asyncio.ensure_future(asyncio.to_thread(self._record_refusals, record,
+                                                           state))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self._emit(event_kind(state, record), record)
+
+    def _record_refusals(self, record: dict[str, Any], state: str) -> None:
+        try:
+            added = self.suppression.record_refusals(record, state)
+        except OSError as exc:
+            logger.error("cannot add to the suppression list: %s", exc)
+            return
+        if added:
+            logger.info("suppression list: added %s (refused by the server)",
+                        ", ".join(added))
+
+    async def flush_events(self, timeout: float | None = 10.0) -> None:
+        """Wait (at most ``timeout`` s) for queued events to reach the callback and the
+        webhook; ``stop()`` and the end of a delivery run do this."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.events is not None:
+            await self.events.flush(timeout)
 
     @property
     def config_path(self) -> Path:
@@ -121,7 +174,9 @@ class Manager:
     # -- enqueueing ------------------------------------------------------------------
 
     async def create_work(self, *, priority: str = "normal", send_at: object = None,
-                          idempotency_key: str | None = None, **attrs: Any) -> Path:
+                          idempotency_key: str | None = None, expires_at: object = None,
+                          expires_in: object = None, force: bool = False,
+                          **attrs: Any) -> Path:
         """Validate and spool one message; the file is durable when this returns.
 
         ``attrs`` are the message (to, cc, bcc, from_, reply_to, subject, body, html,
@@ -133,16 +188,30 @@ class Manager:
         / ``Message`` or raw RFC 5322 bytes) instead: only ``from_``, ``to``, ``cc``,
         ``bcc`` and ``tags`` may accompany it (the envelope; by default from its From,
         To, Cc and Bcc headers; Bcc is removed from the sent copy).
+
+        ``expires_at`` (datetime) / ``expires_in`` (seconds): not sent after then (it
+        fails with reason "expired"). Recipients on the suppression list are not sent it
+        (a message with none left is recorded in failed/ with reason "suppressed" and its
+        path returned), unless ``force=True``.
         """
         prepared = prepare(attrs, self.config.message, now=self.clock(), priority=priority,
-                           send_at=send_at, idempotency_key=idempotency_key)
+                           send_at=send_at, idempotency_key=idempotency_key,
+                           expires_at=expires_at, expires_in=expires_in,
+                           suppressed=self.suppression.check, force=force)
         self._ensure()
         path: Path = await self._commit(prepared)
+        if path.stem != prepared.record["id"]:
+            return path  # an idempotent repeat: nothing new
+        record = prepared.record
+        if record.get("suppressed"):
+            self._emit("suppressed", record, recipients=record["suppressed"])
+        if prepared.state in ("queued", "scheduled"):
+            self._emit("queued", record)
         run = self._run
-        if run is not None and run.live and path.stem == prepared.record["id"]:
+        if run is not None and run.live:
             if prepared.state == "queued":
                 self._offer(run, path.stem, "queued")
-            else:
+            elif prepared.state == "scheduled":
                 self._schedule(run, path.stem, prepared.record["next_attempt_at"], "scheduled")
         return path
 
@@ -221,6 +290,7 @@ class Manager:
         run = _Run(dispatcher, journal, pool)
         dispatcher.on_deferred = lambda msg_id, due: self._schedule(run, msg_id, due)
         dispatcher.on_finished = lambda msg_id, state: self._finished(run, msg_id)
+        dispatcher.on_event = self._on_outcome
         self._run = run
         return run
 
@@ -291,6 +361,7 @@ class Manager:
             self.workers = []
             self._lock.release()
             run.closed.set()
+        await self.flush_events(self.config.server.grace)
 
     async def cleanup(self) -> dict[str, int]:
         """Requeue claimed-but-unfinished messages (refused while a deliverer runs)."""
@@ -440,6 +511,10 @@ class Manager:
                                             now=self.clock())
         if removed:
             logger.info("retention removed %d old record(s)", removed)
+        try:
+            self.suppression.prune()  # expired entries ([suppression] ttl_days)
+        except OSError as exc:
+            logger.error("cannot prune the suppression list: %s", exc)
         return removed
 
     # -- senders ---------------------------------------------------------------------
@@ -627,6 +702,7 @@ class Manager:
             await task
         elif run is not None:
             await run.closed.wait()  # delegate_workload or process_workload in another task
+        await self.flush_events(self.config.server.grace)
 
     # -- embedding -------------------------------------------------------------------
 

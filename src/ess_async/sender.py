@@ -24,6 +24,7 @@ import aiofiles.os
 
 from .dkim import DkimSigner
 from .errors import DeliveryError, SpoolError, TemporaryDeliveryError
+from .expiry import clamp_due, expire, is_expired
 from .faults import crash_point, fail_point
 from .journal import Journal
 from .message import stamp_date
@@ -82,6 +83,7 @@ class Dispatcher:
         self.delivery_log = delivery_log
         self.on_deferred = on_deferred
         self.on_finished = on_finished
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None  # each outcome
         # Claimed message ids -> their durable "accepted" journal entry once there is one.
         self.claimed: dict[str, dict[str, Any] | None] = {}
         self.finishing: set[asyncio.Task[str]] = set()
@@ -127,6 +129,8 @@ class Dispatcher:
                 await self._quarantine(path, exc.reason)
                 return self._done({"id": msg_id, "last_error": {"message": exc.reason}},
                                   "corrupt")
+            if "expires_at" in record and is_expired(record, self.clock()):
+                return await self._finish(self._expired(record))  # never sent
             return await self._attempt(record, transport)
         finally:
             if self.claimed.get(msg_id) is None:  # an accepted one is released by _accepted
@@ -409,6 +413,7 @@ class Dispatcher:
                                            attempts=record["attempts"], now=now,
                                            rand=self.rand())
         if due is not None:
+            due = clamp_due(record, due)  # no later than its expiry: it fails then
             record.update(state="deferred", next_attempt_at=due)
             await self._settle("deferred", record)
             if self.on_deferred:
@@ -444,7 +449,13 @@ class Dispatcher:
             self.delivery_log.flush()
         if self.on_finished:
             self.on_finished(record["id"], state)
+        if self.on_event:
+            self.on_event(state, record)
         return state
+
+    async def _expired(self, record: dict[str, Any]) -> str:
+        await self._settle("failed", expire(record, self.clock()))
+        return self._done(record, "failed")
 
     async def drain(self) -> None:
         """Wait for records still being written (accepted messages, the group commit)."""
