@@ -105,6 +105,16 @@ async def test_options_size_smtputf8(
     assert server.messages[0].rcpt_tos == ["j\u00fcrgen@example.com"]
 
 
+async def test_dot_stuffing(
+        server: PipeliningServer, transport_for: Callable[..., PipeliningTransport]) -> None:
+    """Issue 11 item 1: lines starting with "." are stuffed (the server gets them back
+    as they were), bare LF become CRLF, and a lone "." line does not end the data."""
+    transport = transport_for(server.port)
+    body = b".first\r\n.\r\nmiddle\n..two\r\nlast"
+    await transport.send(FROM, ["a@example.com"], raw("dots", body))
+    assert server.messages[0].data == raw("dots", b".first\r\n.\r\nmiddle\r\n..two\r\nlast\r\n")
+
+
 # -- Per-recipient replies, DATA -----------------------------------------------------------
 
 async def test_per_recipient_outcomes(

@@ -28,7 +28,7 @@ from typing import cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
-from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from .. import replies
 from ..config import SmtpConfig
@@ -518,21 +518,30 @@ class PipeliningTransport(SMTPTransport):
             unknown = progress.result((451, _OUTCOME_UNKNOWN))
             unknown.refused.update((rcpt, (451, _NOT_SENT)) for rcpt in progress.untried)
             self.partial = progress.result((451, _NOT_SENT))
-        data = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(raw))
+        # Dot-stuffed as aiosmtplib does it (PERIOD_REGEX), without a regex scan: once
+        # every line ends in CRLF, a line starting with "." follows a "\n".
+        data = normalize_message_line_endings(raw).replace(b"\n.", b"\n..")
+        if data.startswith(b"."):
+            data = b"." + data
         self._phase = "DATA"
         if len(data) <= _DATA_BLOCK:
-            protocol.write(data)
-            await protocol.drain(cfg.data_timeout)
+            # One write with the final ".": the outcome is unknown from this write on
+            # (with a full socket buffer that is early, never late). No await between
+            # the write and the read below.
+            self.outcome_pending = True
+            if unknown is not None:
+                self.partial = unknown
+            protocol.write(data + b".\r\n")
         else:
             for start in range(0, len(data), _DATA_BLOCK):
                 protocol.write(data[start:start + _DATA_BLOCK])
                 await protocol.drain(cfg.data_timeout)
-        # The server can have the whole message from here on. No await between the write
-        # and the read below.
-        self.outcome_pending = True
-        if unknown is not None:
-            self.partial = unknown
-        protocol.write(b".\r\n")
+            # The server can have the whole message from here on. No await between the
+            # write and the read below.
+            self.outcome_pending = True
+            if unknown is not None:
+                self.partial = unknown
+            protocol.write(b".\r\n")
         reply = await protocol.read(cfg.final_reply_timeout)
         self.outcome_pending = False
         self._last_used = time.monotonic()
