@@ -22,10 +22,11 @@ from typing import Any
 
 from . import __version__
 from .client import Client
-from .config import parse_config
+from .config import parse_config, parse_listen
 from .errors import EssError, MessageError
 from .lock import lock_holder
 from .manager import Manager, default_workspace
+from .metrics import oldest_queued, read_last_error
 from .ops import PURGEABLE, MessageInfo, QueueOps, parse_duration
 from .sender import WorkloadSummary
 from .spool import STATES
@@ -92,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="deliver until SIGTERM/SIGINT")
     _add_workspace(p)
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus /metrics and /healthz there ([server] metrics)")
     p.add_argument("--spawn", type=int, default=None, help="concurrent senders")
     _add_loop(p)
 
@@ -188,15 +191,24 @@ def _cmd_testmail(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
-    counts = Manager(workspace).status()
+    manager = Manager(workspace)
+    counts = manager.status()
     counts["total"] = sum(counts.values())
     pid = lock_holder(workspace)
+    oldest, _ = oldest_queued(manager.spool, time.time())
+    last_error = read_last_error(workspace)
     if args.json:
-        print(json.dumps({**counts, "server_pid": pid}))
+        print(json.dumps({**counts, "server_pid": pid, "oldest_queued_age": oldest,
+                          "last_error": last_error}))
     else:
         for state, n in counts.items():
             print(f"{state:>9}  {n}")
         print(f"   server  {'pid ' + str(pid) if pid else 'not running'}")
+        if oldest is not None:
+            print(f"   oldest  {_age(oldest)} in queued/")
+        if last_error:
+            print(f"last error {_age(time.time() - last_error.get('at', 0))} ago: "
+                  f"{last_error.get('code') or ''} {last_error.get('message')}".rstrip())
     return 0
 
 
@@ -265,6 +277,9 @@ async def _process(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     manager = Manager(_workspace(args), spawn=args.spawn)
+    if args.metrics is not None:
+        parse_listen(args.metrics)  # a bad value: one line, exit 2
+        manager.metrics_listen = args.metrics
     summary = await manager.delegate_workload()
     logger.info("stopped: passed %d, failed %d, deferred %d", summary.passed, summary.failed,
                 summary.deferred)

@@ -153,11 +153,33 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class DkimKeyConfig:
+    selector: str = ""
+    key_file: str = ""  # PEM (RSA or Ed25519); relative to the workspace
+    domain: str = ""  # the d= domain; default: the From domain the key is for
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    domain: str = ""  # the default key's d= domain; signs From this domain and subdomains
+    selector: str = ""
+    key_file: str = ""  # PEM (RSA or Ed25519); relative to the workspace; "" = no signing
+    headers: list[str] = field(default_factory=lambda: [
+        "from", "from", "reply-to", "subject", "date", "to", "cc", "message-id",
+        "in-reply-to", "references", "mime-version", "content-type",
+        "content-transfer-encoding", "list-unsubscribe", "list-unsubscribe-post", "list-id"])
+    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                              "simple/simple"] = "relaxed/relaxed"
+    keys: dict[str, DkimKeyConfig] = field(default_factory=dict)  # by From domain
+
+
+@dataclass(frozen=True)
 class Config:
     message: dict[str, Any] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
@@ -315,6 +337,12 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
         raise ConfigError(exc.key, exc.problem, path=source) from None
     if config.retry.max_backoff < config.retry.min_backoff:
         raise ConfigError("retry.max_backoff", "must be at least retry.min_backoff", path=source)
+    try:
+        _check_dkim(config.dkim)
+        if config.server.metrics:
+            parse_listen(config.server.metrics, "server.metrics")
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, path=source) from None
     webhook = config.events.webhook
     if webhook and (not webhook.startswith(("http://", "https://"))
                     or not webhook.split("://", 1)[1]):

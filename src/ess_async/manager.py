@@ -107,6 +107,10 @@ class Manager:
         self._commit = GroupCommit(Enqueuer(self.spool)).commit
         self.last_recovery: dict[str, int] = {}
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        # Issue 14: HOST:PORT of /metrics and /healthz while delivering ("" = off; the
+        # CLI's serve --metrics sets it), and the server while it runs.
+        self.metrics_listen = self.config.server.metrics
+        self.metrics: MetricsServer | None = None
         self.suppression = SuppressionList(self.workspace,
                                            ttl_days=self.config.suppression.ttl_days,
                                            clock=clock)
