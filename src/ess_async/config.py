@@ -84,6 +84,9 @@ class SmtpConfig:
     # "auto": pipeline MAIL, RCPT and DATA (RFC 2920) when the server offers PIPELINING;
     # "off": one command at a time (a server that advertises it and breaks it).
     pipelining: Literal["auto", "off"] = "auto"
+    # Named relays, from [transport.smtp.NAME] tables: each inherits the keys of
+    # [transport.smtp] it does not set (see [transport] failover).
+    relays: dict[str, SmtpConfig] = field(default_factory=dict)
 
     def password(self) -> str | None:
         """The password from the environment; never stored on this object."""
@@ -111,31 +114,13 @@ class FileConfig:
 @dataclass(frozen=True)
 class TransportConfig:
     type: Literal["smtp", "maildir", "sendmail", "file", "memory"] = "smtp"
+    # Relays tried in this order ([transport.smtp.NAME]); [] = [transport.smtp] alone.
+    failover: list[str] = field(default_factory=list)
+    failback_after: float = 30.0  # seconds before a relay that failed is tried first again
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     maildir: MaildirConfig = field(default_factory=MaildirConfig)
     sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     file: FileConfig = field(default_factory=FileConfig)
-
-
-@dataclass(frozen=True)
-class DkimKeyConfig:
-    selector: str = ""
-    key_file: str = ""  # PEM (RSA or Ed25519); relative to the workspace
-    domain: str = ""  # the d= domain; default: the From domain the key is for
-
-
-@dataclass(frozen=True)
-class DkimConfig:
-    domain: str = ""  # the default key's d= domain; signs From this domain and subdomains
-    selector: str = ""
-    key_file: str = ""  # PEM (RSA or Ed25519); relative to the workspace; "" = no signing
-    headers: list[str] = field(default_factory=lambda: [
-        "from", "from", "reply-to", "subject", "date", "to", "cc", "message-id",
-        "in-reply-to", "references", "mime-version", "content-type",
-        "content-transfer-encoding", "list-unsubscribe", "list-unsubscribe-post", "list-id"])
-    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/relaxed",
-                              "simple/simple"] = "relaxed/relaxed"
-    keys: dict[str, DkimKeyConfig] = field(default_factory=dict)  # by From domain
 
 
 @dataclass(frozen=True)
@@ -182,7 +167,6 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
-    dkim: DkimConfig = field(default_factory=DkimConfig)
 
 
 _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags",
@@ -190,10 +174,11 @@ _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "
 _ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
                   "max_messages_per_connection", "keep_passed_days", "keep_failed_days",
                   "keep_passed", "keep_failed", "ttl_days", "retries"}
-_POSITIVE = {"queue_size", "spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
+_POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
              "max_backoff", "max_age", "max_message_size", "connect_timeout",
              "command_timeout", "data_timeout", "final_reply_timeout", "idle_timeout",
-             "unhealthy_after"}
+             "unhealthy_after", "failback_after",
+             "queue_size"}
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -224,9 +209,25 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
     return value
 
 
+def _smtp_relays(table: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """[transport.smtp.NAME] tables are named relays that inherit the scalar keys of
+    [transport.smtp]; returns the table with them gathered under ``relays``."""
+    if "relays" in table:
+        raise ConfigError(f"{prefix}.relays", "unknown key (name relays [transport.smtp.NAME])")
+    base = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    relays = {k: v for k, v in table.items() if isinstance(v, dict)}
+    for name, sub in relays.items():
+        nested = next((k for k, v in sub.items() if isinstance(v, dict)), None)
+        if nested is not None:
+            raise ConfigError(f'{prefix}.{name}.{nested}', "unknown key")
+    return {**base, "relays": {name: {**base, **sub} for name, sub in relays.items()}}
+
+
 def _build(cls: type[Any], table: object, prefix: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(prefix, "must be a table")
+    if cls is SmtpConfig and prefix == "transport.smtp":
+        table = _smtp_relays(table, prefix)
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -333,6 +334,12 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
         config: Config = _build(Config, _legacy_timeout(data), "")
         if config.transport.type == "smtp":
             check_plaintext_auth(config.transport.smtp)
+            for relay in config.transport.smtp.relays.values():
+                check_plaintext_auth(relay)
+        for name in config.transport.failover:
+            if name not in config.transport.smtp.relays:
+                raise ConfigError("transport.failover",
+                                  f"no relay {name!r}: define it as [transport.smtp.{name}]")
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.problem, path=source) from None
     if config.retry.max_backoff < config.retry.min_backoff:
@@ -348,12 +355,6 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
                     or not webhook.split("://", 1)[1]):
         raise ConfigError("events.webhook", f"must be an http:// or https:// URL, not "
                           f"{webhook[:80]!r}", path=source)
-    try:
-        _check_dkim(config.dkim)
-        if config.server.metrics:
-            parse_listen(config.server.metrics, "server.metrics")
-    except ConfigError as exc:
-        raise ConfigError(exc.key, exc.problem, path=source) from None
     return config
 
 
@@ -404,6 +405,9 @@ max_attempts = 0     # 0 = no limit but max_age
 [transport]
 type = "smtp"        # smtp | sendmail (pipe to a program) | maildir | file (one .eml
                      # file per message) | memory; maildir and file are for development
+# failover = ["primary", "backup"]   # relays [transport.smtp.NAME] (each inherits the
+                                     # keys of [transport.smtp]), tried in this order
+# failback_after = 30                # seconds before a failed relay is tried first again
 
 [transport.smtp]
 host = "127.0.0.1"
@@ -435,6 +439,17 @@ timeout = 60                     # seconds; a program still running then is kill
 [transport.file]
 path = "outbox"      # relative to the workspace: <id>.eml per message, as sent (CRLF)
 
+[suppression]        # addresses never sent to (ess-async suppress list|add|remove|check)
+ttl_days = 0         # entries older than this are forgotten; 0 = kept until removed
+
+[events]             # delivery events (Manager(on_event=...)) also POSTed to a webhook
+webhook = ""         # "https://hooks.example.com/ess": JSON, needs ess_async[events]
+secret_env = "ESS_EVENTS_SECRET"   # HMAC-SHA256 key for X-Ess-Signature (required with
+                                   # a webhook); the secret never goes in this file
+timeout = 10         # seconds per webhook request
+retries = 5          # after network errors, 408, 429 and 5xx (1 s, 2 s, 4 s, ... backoff)
+queue_size = 10000   # events waiting per handler; beyond that new ones are dropped
+
 [dkim]
 # Sign with DKIM (pip install 'ess_async[dkim]'). The default key signs messages whose
 # From domain is `domain` or a subdomain of it; other From domains need a key below, or
@@ -452,15 +467,4 @@ path = "outbox"      # relative to the workspace: <id>.eml per message, as sent 
 # [dkim.keys."example.org"]        # messages From example.org (domain defaults to it)
 # selector = "mail"
 # key_file = "dkim/example.org.pem"
-
-[suppression]        # addresses never sent to (ess-async suppress list|add|remove|check)
-ttl_days = 0         # entries older than this are forgotten; 0 = kept until removed
-
-[events]             # delivery events (Manager(on_event=...)) also POSTed to a webhook
-webhook = ""         # "https://hooks.example.com/ess": JSON, needs ess_async[events]
-secret_env = "ESS_EVENTS_SECRET"   # HMAC-SHA256 key for X-Ess-Signature (required with
-                                   # a webhook); the secret never goes in this file
-timeout = 10         # seconds per webhook request
-retries = 5          # after network errors, 408, 429 and 5xx (1 s, 2 s, 4 s, ... backoff)
-queue_size = 10000   # events waiting per handler; beyond that new ones are dropped
 """

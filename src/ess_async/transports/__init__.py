@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import TransportConfig
+from ..config import SmtpConfig, TransportConfig
 from .base import SendResult, Transport
+from .failover import FailoverTransport
 from .file import FileTransport
 from .maildir import MaildirTransport
 from .pipelining import PipeliningTransport
 from .sendmail import SendmailTransport
 from .smtp import SMTPTransport
 
-__all__ = ("FileTransport", "MaildirTransport", "PipeliningTransport", "SMTPTransport",
-           "SendResult", "SendmailTransport", "Transport", "create_transport")
+__all__ = ("FailoverTransport", "FileTransport", "MaildirTransport", "PipeliningTransport",
+           "SMTPTransport", "SendResult", "SendmailTransport", "Transport",
+           "create_transport")
 
 
 def create_transport(config: TransportConfig, workspace: Path) -> Transport:
@@ -28,7 +30,15 @@ def create_transport(config: TransportConfig, workspace: Path) -> Transport:
         from .memory import MemoryTransport  # imported only when configured
 
         return MemoryTransport()
-    if config.smtp.pipelining == "auto":
+    if config.failover:
+        return FailoverTransport([(name, _smtp(config.smtp.relays[name]))
+                                  for name in config.failover],
+                                 failback_after=config.failback_after)
+    return _smtp(config.smtp)
+
+
+def _smtp(config: SmtpConfig) -> Transport:
+    if config.pipelining == "auto":
         # Pipelines where the server offers PIPELINING; one command at a time elsewhere.
-        return PipeliningTransport(config.smtp)
-    return SMTPTransport(config.smtp)
+        return PipeliningTransport(config)
+    return SMTPTransport(config)
