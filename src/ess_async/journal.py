@@ -21,7 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .faults import fail_point
+from .spool import plain_json
 
 __all__ = ("Journal", "replay")
 
@@ -53,6 +56,13 @@ def replay(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _encode(entry: dict[str, Any]) -> bytes:
+    # orjson writes UTF-8 where json wrote \u escapes (replay reads either); what orjson
+    # would write otherwise (NaN as null, say) or refuses goes through json as before.
+    if plain_json(entry):
+        try:
+            return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            pass
     return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
 
 

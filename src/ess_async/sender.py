@@ -25,12 +25,12 @@ import aiofiles.os
 from .dkim import DkimSigner
 from .errors import DeliveryError, SpoolError, TemporaryDeliveryError
 from .expiry import clamp_due, expire, is_expired
-from .faults import crash_point, fail_point
+from .faults import crash_point
 from .journal import Journal
 from .message import stamp_date
 from .metrics import DeliveryStats
 from .retry import RetryPolicy
-from .spool import CorruptRecord, Spool
+from .spool import CorruptRecord, Spool, encode_record
 from .throttle import Throttle
 from .transports import SendResult, Transport
 
@@ -95,7 +95,7 @@ class Dispatcher:
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._read = aiofiles.os.wrap(spool.read)
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
-        self._staged: list[tuple[Path, asyncio.Future[None]]] = []
+        self._staged: list[tuple[Path, bytes, asyncio.Future[None]]] = []
         self._committer: asyncio.Future[None] | None = None
 
     # -- one message -----------------------------------------------------------------
@@ -121,8 +121,9 @@ class Dispatcher:
             crash_point("after_claim")
             path = self.spool.path("active", msg_id)
             try:
-                small = path.lstat().st_size <= _INLINE_BYTES
-                record = self.spool.read(path) if small else await self._read(path)
+                record = self.spool.read_small(path, _INLINE_BYTES)  # on the loop: cheaper
+                if record is None:
+                    record = await self._read(path)
                 if record["id"] != msg_id:
                     raise CorruptRecord("record id does not match its file name")
             except CorruptRecord as exc:
@@ -258,14 +259,17 @@ class Dispatcher:
         return self._done(settled, state)
 
     async def _settle(self, state: str, record: dict[str, Any]) -> None:
-        """Move a claimed message to its next state durably. Concurrent senders share one
-        thread job and one filesystem sync (a group commit)."""
+        """Move a claimed message to its next state durably. The record is encoded here;
+        its file operations (create, write, rename, the sync, removing the active/ copy)
+        run in one thread job shared by concurrent senders, with one filesystem sync (a
+        group commit), off the event loop."""
+        target = self.spool.target(state, record)
         if len(record["raw"]) > _INLINE_BYTES:
-            path = await asyncio.to_thread(self.spool.stage, state, record)
+            data = await asyncio.to_thread(encode_record, record)
         else:
-            path = self.spool.stage(state, record)  # a small write: cheaper than a thread
+            data = encode_record(record)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._staged.append((path, future))
+        self._staged.append((target, data, future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_staged())
         await asyncio.shield(future)
@@ -274,17 +278,17 @@ class Dispatcher:
         while self._staged:
             batch, self._staged = self._staged, []
             try:
-                await asyncio.to_thread(self._commit, [path for path, _ in batch])
+                errors = await asyncio.to_thread(
+                    self.spool.commit, [(target, data) for target, data, _ in batch])
             except OSError as exc:
-                for _, future in batch:
+                for _, _, future in batch:
                     future.set_exception(SpoolError(exc.errno, f"cannot commit: {exc}"))
             else:
-                for _, future in batch:
-                    future.set_result(None)
-
-    def _commit(self, paths: list[Path]) -> None:
-        fail_point("spool_commit")
-        self.spool.commit(paths)
+                for (_, _, future), error in zip(batch, errors, strict=True):
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
 
     def settle_claim(self, msg_id: str, entry: dict[str, Any] | None) -> str:
         """Settle one message left in ``active/``; ``entry`` is its last journal entry.

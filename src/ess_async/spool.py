@@ -23,8 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from .errors import SpoolError
-from .faults import crash_point
+from .faults import crash_point, fail_point
 from .message import MessageSpec
 
 if TYPE_CHECKING:
@@ -139,12 +141,46 @@ def _sync_data(folder: Path, files: list[Path]) -> None:
             os.close(fd)
 
 
+_BIG = float(2**63)
+
+
+def plain_json(value: object) -> bool:
+    """True unless ``value`` holds a float that is not finite or is 2**63 or more in size
+    (where orjson and the json module part ways: orjson writes NaN and infinities as
+    null, and reads an integer beyond 64 bits as a float). Records and journal entries
+    never do; those that would are encoded and decoded by the json module instead."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not -_BIG < item < _BIG:
+            return False  # NaN compares false too
+    return True
+
+
 def encode_record(record: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON (``json.dumps(ensure_ascii=False)``'s data, via orjson)."""
+    if plain_json(record):
+        try:
+            return orjson.dumps(record)
+        except orjson.JSONEncodeError:
+            pass  # an int beyond 64 bits, a str subclass, a lone surrogate...: json decides
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+_shard_names: dict[int, str] = {}
+
+
 def _shard(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
+    day = int(timestamp // 86400)
+    name = _shard_names.get(day)
+    if name is None:
+        name = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+        _shard_names[day] = name
+    return name
 
 
 class Spool:
@@ -215,7 +251,7 @@ class Spool:
             raise SpoolError(exc.errno, f"cannot write {target}: {exc.strerror}") from None
         return target
 
-    def _target(self, state: str, record: dict[str, Any]) -> Path:
+    def target(self, state: str, record: dict[str, Any]) -> Path:
         if state not in ("passed", "failed"):
             return Path(f"{self._dirs[state]}/{record['id']}.json")
         folder = f"{self._dirs[state]}/{_shard(record.get('finished_at') or time.time())}"
@@ -226,30 +262,49 @@ class Spool:
 
     def write(self, state: str, record: dict[str, Any]) -> Path:
         """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
-        return self.write_file(self._target(state, record), encode_record(record))
+        return self.write_file(self.target(state, record), encode_record(record))
 
-    def stage(self, state: str, record: dict[str, Any]) -> Path:
-        """Write ``record`` into its state folder atomically (tmp, rename) without waiting
-        for the disk: ``commit`` makes a batch of staged records durable at once."""
-        target = self._target(state, record)
-        tmp = self._write_tmp(target.stem, encode_record(record), sync=False)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return target
+    def commit(self, items: list[tuple[Path, bytes]], *, src: str = "active"
+               ) -> list[OSError | None]:
+        """Move a batch of claimed messages to their next states (a group commit): write
+        each encoded record at its target atomically (tmp, rename), make them all durable
+        with one filesystem sync (a lone one: its own fsync) and one fsync per folder,
+        then remove the copies left in ``src``. Until then a crash finds both copies, and
+        recovery keeps the new one only if it reads back whole.
 
-    def commit(self, staged: list[Path], *, src: str = "active") -> None:
-        """Make ``staged`` records durable (one filesystem sync for all), then remove the
-        copies of those messages left in ``src``. Until then a crash finds both copies,
-        and recovery keeps the staged one only if it reads back whole."""
-        _sync_data(self.tmp, staged)
-        for folder in {path.parent for path in staged}:
+        Returns, per item, the error that kept it from being written (its ``src`` copy
+        stays), or None. Raises OSError if the batch could not be made durable: then no
+        ``src`` copy was removed (and the records written stay where they are, as their
+        messages' last word)."""
+        errors: list[OSError | None] = []
+        staged: list[Path] = []
+        each = len(items) == 1 or _SYNCFS is None
+        for target, data in items:
+            try:
+                tmp = self._write_tmp(target.stem, data, sync=each)
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            except OSError as exc:
+                errors.append(exc)
+                continue
+            errors.append(None)
+            staged.append(target)
+        if not staged:
+            return errors
+        fail_point("spool_commit")
+        if not each:
+            _sync_data(self.tmp, staged)
+        for folder in {target.parent for target in staged}:
             fsync_dir(folder)
         crash_point("before_unlink_active")
-        for path in staged:
-            self.path(src, path.stem).unlink(missing_ok=True)
+        src_dir = self._dirs[src]
+        for target in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{src_dir}/{target.name}")
+        return errors
 
     def write_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[Path | SpoolError]:
         """``write`` for a batch (a group commit): one filesystem sync for all the data and
@@ -258,7 +313,7 @@ class Spool:
         results: list[Path | SpoolError] = []
         staged: list[tuple[int, Path, Path]] = []
         for state, record in items:
-            target = self._target(state, record)
+            target = self.target(state, record)
             try:
                 tmp = self._write_tmp(target.stem, encode_record(record), sync=False)
             except OSError as exc:
@@ -285,7 +340,7 @@ class Spool:
     # -- moving ----------------------------------------------------------------------
 
     def path(self, state: str, msg_id: str) -> Path:
-        return self.dir(state) / f"{msg_id}.json"
+        return Path(f"{self._dirs[state]}/{msg_id}.json")
 
     def rename(self, msg_id: str, src: str, dst: str) -> bool:
         """Move a message between flat state folders; False if it is no longer in ``src``."""
@@ -324,6 +379,13 @@ class Spool:
 
         Never follows a symlink, never blocks on a FIFO, never reads past ``max_size``.
         """
+        record = self.read_small(path, self.max_size)
+        assert record is not None
+        return record
+
+    def read_small(self, path: Path | str, limit: int) -> dict[str, Any] | None:
+        """``read``, or None (nothing read) if the file is bigger than ``limit`` bytes
+        (and within ``max_size``): the sender reads those off the event loop."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
@@ -336,12 +398,19 @@ class Spool:
                 raise CorruptRecord("not a regular file")
             if info.st_size > self.max_size:
                 raise CorruptRecord(f"larger than max_message_size ({info.st_size} bytes)")
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
+            if info.st_size > limit:
+                return None
+            # One read for the size fstat gave; read on only if it was short or the file
+            # grew meanwhile.
+            data = os.read(fd, info.st_size + 1)
+            if len(data) != info.st_size:
+                chunks = [data]
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
         finally:
             os.close(fd)
-        return decode_record(b"".join(chunks))
+        return decode_record(data)
 
     def ids(self, state: str) -> list[str]:
         """Ids of the messages in a flat state folder, oldest first."""
@@ -473,11 +542,27 @@ def decode_record(data: bytes) -> dict[str, Any]:
     if not data:
         raise CorruptRecord("empty file")
     try:
-        record = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        record = None
+    if record is None or not plain_json(record):
+        # Whatever orjson refuses or might read otherwise (invalid or non-UTF-8 JSON, a
+        # BOM, a lone surrogate, NaN, 1e400, an integer beyond 64 bits): the json module
+        # decides, as it always did, and names the reason.
+        record = _decode_json(data)
+    return _check_record(record)
+
+
+def _decode_json(data: bytes) -> Any:
+    try:
+        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except _NonFinite as exc:
         raise CorruptRecord(f"non-finite number {str(exc)[:40]!r}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptRecord(f"not JSON: {exc}") from None
+
+
+def _check_record(record: Any) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise CorruptRecord("not a JSON object")
     for key, kind in _REQUIRED.items():
