@@ -145,7 +145,8 @@ async def test_unhealthy_when_store_unwritable(tmp_path: Path, smtp_server: SMTP
         assert (await health(port))[0] == 200
 
 
-async def test_unhealthy_when_transport_failed(tmp_path: Path, smtp_server: SMTPServer) -> None:
+async def test_unhealthy_when_transport_failed(tmp_path: Path, smtp_server: SMTPServer,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 14 part 2: a relay that refuses connections makes /healthz 503 (transport
     failed) and status --json shows the last error; when it is back, the waiting message
     goes out and /healthz is 200 again."""
@@ -166,8 +167,13 @@ async def test_unhealthy_when_transport_failed(tmp_path: Path, smtp_server: SMTP
         assert one(m, "ess_async_requeued_total", reply_class="none") >= 1
         assert one(m, "ess_async_pushback_pauses_total") >= 1
         await asyncio.sleep(1.1)  # the last error is written for status within a second
+        capsys.readouterr()
         assert await asyncio.to_thread(cli, "status", "--workspace", str(workspace),
                                        "--json") == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["queued"] == 1 and status["oldest_queued_age"] > 0
+        assert status["last_error"]["phase"] == "CONNECT"
+        assert status["last_error"]["destination"] is True
         smtp_server.start()
         outcome = await manager.wait(path, timeout=30)
         assert outcome.state == "passed"
