@@ -23,7 +23,7 @@ async def test_each_message_is_an_eml_file(tmp_path: Path) -> None:
     """Issue 13 part 5: <workspace>/outbox/<time>-<random>.eml, 0600 in a 0700 folder,
     the exact bytes that would be sent (CRLF), in delivery order, no temporary left."""
     manager = file_manager(tmp_path / "ws")
-    await manager.create_work(to="a@example.com", bcc="b@example.com", subject="one",
+    await manager.create_work(to="a@example.com", bcc="hidden-bcc@example.com", subject="one",
                               body="Grüße\n")
     await manager.create_work(to="c@example.com", subject="two", body="x")
     summary = await manager.process_workload()
@@ -43,7 +43,7 @@ async def test_each_message_is_an_eml_file(tmp_path: Path) -> None:
         record = passed[str(msg["Subject"])]
         assert data == record["raw"].encode("ascii")  # as sent, Date stamped
         assert record["result"]["message"] == f"written to {path}"
-        assert b"b@example.com" not in data  # Bcc: envelope only
+        assert b"hidden-bcc" not in data  # Bcc: envelope only
     subjects = [str(message_from_bytes((folder / n).read_bytes(), policy=policy.default)
                     ["Subject"]) for n in files]
     assert sorted(subjects) == ["one", "two"]
