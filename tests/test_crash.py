@@ -64,6 +64,10 @@ def test_crash_between_next_state_and_active(tmp_path: Path, smtp_server: SMTPSe
                                              reply: str, state: str) -> None:
     ws = tmp_path / "ws"
     write_config(ws, smtp_server.port)
+    # A deferral must not come due between the two runs, however slow the machine.
+    config = (ws / "config.toml").read_text().replace("min_backoff = 1\nmax_backoff = 2",
+                                                      "min_backoff = 600\nmax_backoff = 900")
+    (ws / "config.toml").write_text(config)
     Client(ws).create_work(to="a@example.com", subject="one")
     smtp_server.handler.data_replies.append(reply)
     assert run_cli(ws, "process", crash_at="before_unlink_active") == -9
