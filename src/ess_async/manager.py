@@ -116,10 +116,6 @@ class Manager:
                                            clock=clock)
         self.events = self._event_bus(on_event)
         self._background: set[asyncio.Future[Any]] = set()
-        # Issue 14: HOST:PORT of /metrics and /healthz while delivering ("" = off; the
-        # CLI's serve --metrics sets it), and the server while it runs.
-        self.metrics_listen = self.config.server.metrics
-        self.metrics: MetricsServer | None = None
 
     def _event_bus(self, on_event: Callable[[dict[str, Any]], Any] | None) -> EventBus | None:
         """Delivery events (issue 14 part 7): the callback and/or the [events] webhook."""
