@@ -1,6 +1,7 @@
 """Profile one benchmark case, to see what bounds it.
 
-    python benchmarks/profile_case.py CASE [-n N] [--spawn K] [--pyinstrument OUT] [--cprofile OUT]
+    python benchmarks/profile_case.py CASE [-n N] [--spawn K] [--pipelining auto|off]
+        [--loop asyncio|uvloop] [--pyinstrument OUT] [--cprofile OUT]
 
 CASE is one of ``e2e`` (process_workload of N queued messages), ``enqueue`` (create_work
 from 50 concurrent tasks), ``client`` (sync Client.create_work), ``latency`` (serving
@@ -34,20 +35,23 @@ async def case_e2e(base: Path, sink: run.Sink, n: int, k: int, profiler: Any) ->
     ws, create_us = run.new_workspace(base)
     print(f"creating a file in the workspace: {create_us:.0f} us", file=sys.stderr)
     run.prequeue(ws, n)
-    manager = Manager(ws, spawn=k, config=run.config_for(sink.port))
+    manager = Manager(ws, spawn=k, config=run.config_for(sink.port, PIPELINING))
     sink.reset()
-    start = time.perf_counter()
-    with profiler:
-        await manager.process_workload()
-    elapsed = time.perf_counter() - start
+    with run.CPU() as cpu:
+        start = time.perf_counter()
+        with profiler:
+            await manager.process_workload()
+        elapsed = time.perf_counter() - start
     run.checked(sink, n, "e2e")
-    return f"end to end spawn={k}: {n / elapsed:,.0f} msgs/s"
+    per = cpu.per(n)
+    return (f"end to end spawn={k}: {n / elapsed:,.0f} msgs/s, CPU {per['cpu us/msg']:.0f} us/msg "
+            f"(event loop {per['loop cpu us/msg']:.0f})")
 
 
 async def case_enqueue(base: Path, sink: run.Sink, n: int, k: int, profiler: Any) -> str:
     ws, create_us = run.new_workspace(base)
     print(f"creating a file in the workspace: {create_us:.0f} us", file=sys.stderr)
-    manager = Manager(ws, config=run.config_for(sink.port))
+    manager = Manager(ws, config=run.config_for(sink.port, PIPELINING))
 
     async def caller(offset: int) -> None:
         for i in range(offset, n, 50):
@@ -62,7 +66,7 @@ async def case_enqueue(base: Path, sink: run.Sink, n: int, k: int, profiler: Any
 async def case_client(base: Path, sink: run.Sink, n: int, k: int, profiler: Any) -> str:
     ws, create_us = run.new_workspace(base)
     print(f"creating a file in the workspace: {create_us:.0f} us", file=sys.stderr)
-    client = Client(ws, config=run.config_for(sink.port))
+    client = Client(ws, config=run.config_for(sink.port, PIPELINING))
     start = time.perf_counter()
     with profiler:
         for i in range(n):
@@ -88,6 +92,8 @@ async def case_ceiling(base: Path, sink: run.Sink, n: int, k: int, profiler: Any
     return f"ceiling k={k}: {r['msgs/s']:,.0f} msgs/s"
 
 
+PIPELINING = "auto"
+
 CASES = {"e2e": case_e2e, "enqueue": case_enqueue, "client": case_client,
          "latency": case_latency, "transport": case_transport, "ceiling": case_ceiling}
 
@@ -105,6 +111,8 @@ def main() -> int:
     parser.add_argument("case", choices=sorted(CASES))
     parser.add_argument("-n", type=int, default=4000)
     parser.add_argument("--spawn", type=int, default=16)
+    parser.add_argument("--pipelining", choices=["auto", "off"], default="auto")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--pyinstrument", type=Path, help="write pyinstrument's text here")
     parser.add_argument("--cprofile", type=Path, help="write cProfile's stats (text) here")
     parser.add_argument("--dir", type=Path, default=Path.cwd() / ".bench_tmp")
@@ -119,7 +127,10 @@ def main() -> int:
     elif args.cprofile:
         profiler = cProfile.Profile()
     try:
-        print(asyncio.run(CASES[args.case](base, sink, args.n, args.spawn, profiler)))
+        global PIPELINING
+        PIPELINING = args.pipelining
+        print(run.run_loop(CASES[args.case](base, sink, args.n, args.spawn, profiler),
+                           args.loop), f"(pipelining {args.pipelining}, {args.loop})")
     finally:
         sink.close()
         shutil.rmtree(base, ignore_errors=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -122,9 +123,32 @@ class AsyncControl:
             await self.writer.wait_closed()
 
 
-def config_for(port: int) -> Config:
+# [transport.smtp] pipelining for every case ("auto": the sink offers PIPELINING, so
+# ess_async pipelines where the installed version can; "off": one command at a time).
+PIPELINING = "auto"
+
+
+def config_for(port: int, pipelining: str | None = None) -> Config:
+    smtp: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+    if pipelining_supported():
+        smtp["pipelining"] = pipelining or PIPELINING
     return parse_config({"message": {"from": "bench@example.com"},
-                         "transport": {"smtp": {"host": "127.0.0.1", "port": port}}})
+                         "transport": {"smtp": smtp}})
+
+
+def pipelining_supported() -> bool:
+    """Whether this ess_async has the pipelining transport (issue 11 item 1)."""
+    return importlib.util.find_spec("ess_async.transports.pipelining") is not None
+
+
+def run_loop(coro: Awaitable[Any], loop: str = "asyncio") -> Any:
+    """Run ``coro`` on asyncio's own event loop or on uvloop."""
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
 
 
 def attrs(i: int, prefix: str = "m") -> dict[str, Any]:

@@ -142,6 +142,7 @@ def _sync_data(folder: Path, files: list[Path]) -> None:
 
 
 _BIG = float(2**63)
+_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 def plain_json(value: object) -> bool:
@@ -150,8 +151,12 @@ def plain_json(value: object) -> bool:
     null, and reads an integer beyond 64 bits as a float). Records and journal entries
     never do; those that would are encoded and decoded by the json module instead."""
     stack = [value]
+    pop = stack.pop
     while stack:
-        item = stack.pop()
+        item = pop()
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list):
