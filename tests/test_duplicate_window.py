@@ -189,6 +189,10 @@ async def test_idle_stop_does_not_claim_in_flight_sends(
     caplog.set_level(logging.INFO, logger="ess_async")
     async with Manager(tmp_path / "ws", spawn=3, config=make_config(smtp_server.port)) as m:
         await m.wait(await m.create_work(to="a@example.com", subject="x"), timeout=10)
+        assert m._run is not None
+        async with asyncio.timeout(10):
+            while m._run.busy:  # the sender finishing up after the outcome was recorded
+                await asyncio.sleep(0.01)
     assert "in-flight" not in caplog.text
 
 
