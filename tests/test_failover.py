@@ -83,3 +83,33 @@ async def test_failover_and_back(tmp_path: Path, smtp_server: SMTPServer,
     expected = {f"{p}{i}" for p in "abc" for i in range(10)}
     assert set(received) == expected  # nothing lost
     assert max(received.values()) == 1  # nothing sent twice
+
+
+async def test_a_message_picks_its_relay(tmp_path: Path, smtp_server: SMTPServer,
+                                         backup_server: SMTPServer) -> None:
+    """Issue 14 part 3: create_work(transport="marketing") sends through that relay alone;
+    other messages take the default route; an unknown name is a MessageError naming
+    ``transport`` and writes nothing."""
+    from ess_async import Client, MessageError
+
+    config = make_config(smtp_server.port, transport={"smtp": {
+        "host": "127.0.0.1", "port": smtp_server.port,
+        "marketing": {"port": backup_server.port}}})
+    ws = tmp_path / "ws"
+    client = Client(ws, config=config)
+    client.create_work(to="a@example.com", subject="news", transport="marketing")
+    client.create_work(to="a@example.com", subject="receipt")
+    client.create_work(to="a@example.com", subject="receipt 2", transport="default")
+    with pytest.raises(MessageError) as info:
+        client.create_work(to="a@example.com", subject="x", transport="nope")
+    assert info.value.field == "transport"
+    assert (await Manager(ws, config=config).process_workload()).passed == 3
+    assert backup_server.handler.subjects() == ["news"]
+    assert sorted(smtp_server.handler.subjects()) == ["receipt", "receipt 2"]
+    plain = make_config(smtp_server.port)
+    with pytest.raises(MessageError) as info:
+        Client(tmp_path / "other", config=plain).create_work(
+            to="a@example.com", subject="x", transport="marketing")
+    assert info.value.field == "transport"
+    assert not (tmp_path / "other" / "queued").exists() or \
+        list((tmp_path / "other" / "queued").iterdir()) == []

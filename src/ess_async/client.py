@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
+from .config import Config, load_config, relay_names
 from .enqueue import Enqueuer, Prepared, prepare
 from .manager import default_workspace
 from .spool import Spool
@@ -33,13 +33,16 @@ class Client:
 
     def create_work(self, *, priority: str = "normal", send_at: object = None,
                     idempotency_key: str | None = None, expires_at: object = None,
-                    expires_in: object = None, force: bool = False, **attrs: Any) -> Path:
+                    expires_in: object = None, force: bool = False,
+                    transport: str | None = None, **attrs: Any) -> Path:
         """Same arguments as ``Manager.create_work`` (``message=``, ``expires_at``,
-        ``expires_in`` and ``force`` included); returns the spooled file's path."""
+        ``expires_in``, ``force`` and ``transport`` included); returns the spooled file's
+        path."""
         prepared = prepare(attrs, self.config.message, now=time.time(), priority=priority,
                            send_at=send_at, idempotency_key=idempotency_key,
                            expires_at=expires_at, expires_in=expires_in,
-                           suppressed=self.suppression.check, force=force)
+                           suppressed=self.suppression.check, force=force,
+                           transport=transport, relays=relay_names(self.config.transport))
         return self.commit_prepared(prepared)
 
     def commit_prepared(self, prepared: Prepared) -> Path:

@@ -34,6 +34,7 @@ __all__ = (
     "check_plaintext_auth",
     "load_config",
     "parse_config",
+    "relay_names",
 )
 
 
@@ -209,6 +210,13 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
     return value
 
 
+def relay_names(transport: TransportConfig) -> frozenset[str]:
+    """The names ``create_work(transport=...)`` accepts: the named relays and "default"
+    (``[transport.smtp]`` itself); none when the config names no relays."""
+    relays = transport.smtp.relays
+    return frozenset({"default", *relays}) if relays else frozenset()
+
+
 def _smtp_relays(table: dict[str, Any], prefix: str) -> dict[str, Any]:
     """[transport.smtp.NAME] tables are named relays that inherit the scalar keys of
     [transport.smtp]; returns the table with them gathered under ``relays``."""
@@ -337,7 +345,7 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
             for relay in config.transport.smtp.relays.values():
                 check_plaintext_auth(relay)
         for name in config.transport.failover:
-            if name not in config.transport.smtp.relays:
+            if name not in relay_names(config.transport):
                 raise ConfigError("transport.failover",
                                   f"no relay {name!r}: define it as [transport.smtp.{name}]")
     except ConfigError as exc:

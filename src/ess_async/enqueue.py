@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -60,7 +60,8 @@ def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float
             idempotency_key: str | None = None, expires_at: object = None,
             expires_in: object = None,
             suppressed: Callable[[list[str]], list[str]] | None = None,
-            force: bool = False) -> Prepared:
+            force: bool = False, transport: str | None = None,
+            relays: Collection[str] = ()) -> Prepared:
     """Validate everything; raise MessageError naming the field; write nothing.
 
     ``expires_at`` (a datetime or timestamp) / ``expires_in`` (seconds): never sent after
@@ -72,6 +73,10 @@ def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float
     ``Message`` or raw bytes), with only the envelope beside it (see ``imported``)."""
     if priority not in PRIORITY_LETTERS:
         raise MessageError("priority", f"must be high, normal or low, not {priority!r}")
+    if transport is not None and transport not in relays:
+        raise MessageError("transport", f"no relay {transport!r}: name one of "
+                           f"{sorted(relays)} ([transport.smtp.NAME] in the config)"
+                           if relays else "the config names no relays ([transport.smtp.NAME])")
     when = _send_at(send_at)
     key_hash = None
     if idempotency_key is not None:
@@ -93,6 +98,8 @@ def prepare(attrs: Mapping[str, Any], defaults: Mapping[str, Any], *, now: float
             apply_suppression(record, listed, now)
     if key_hash:
         record["idempotency_key_sha256"] = key_hash
+    if transport is not None:
+        record["transport"] = transport
     return Prepared(record, key_hash)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from .config import CONFIG_TEMPLATE, Config, load_config, parse_listen
+from .config import CONFIG_TEMPLATE, Config, load_config, parse_listen, relay_names
 from .dkim import DkimSigner
 from .enqueue import Enqueuer, GroupCommit, prepare
 from .errors import ConfigError, EssError, MessageNotFound
@@ -176,7 +176,7 @@ class Manager:
     async def create_work(self, *, priority: str = "normal", send_at: object = None,
                           idempotency_key: str | None = None, expires_at: object = None,
                           expires_in: object = None, force: bool = False,
-                          **attrs: Any) -> Path:
+                          transport: str | None = None, **attrs: Any) -> Path:
         """Validate and spool one message; the file is durable when this returns.
 
         ``attrs`` are the message (to, cc, bcc, from_, reply_to, subject, body, html,
@@ -193,11 +193,15 @@ class Manager:
         fails with reason "expired"). Recipients on the suppression list are not sent it
         (a message with none left is recorded in failed/ with reason "suppressed" and its
         path returned), unless ``force=True``.
+
+        ``transport="name"`` sends the message through the relay ``[transport.smtp.name]``
+        alone (``"default"``: ``[transport.smtp]`` itself), instead of the failover order.
         """
         prepared = prepare(attrs, self.config.message, now=self.clock(), priority=priority,
                            send_at=send_at, idempotency_key=idempotency_key,
                            expires_at=expires_at, expires_in=expires_in,
-                           suppressed=self.suppression.check, force=force)
+                           suppressed=self.suppression.check, force=force,
+                           transport=transport, relays=relay_names(self.config.transport))
         self._ensure()
         path: Path = await self._commit(prepared)
         if path.stem != prepared.record["id"]:

@@ -146,6 +146,7 @@ class Dispatcher:
             # No Date was given: it is this first attempt's time, and retries keep it.
             record["raw"] = stamp_date(record["raw"], record["last_attempt_at"])
         transport.checkpoint = functools.partial(self._checkpoint, record)
+        transport.route = record.get("transport")
         started = time.perf_counter()
         try:
             utf8 = bool(record.get("smtputf8"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..config import SmtpConfig, TransportConfig
@@ -30,11 +31,16 @@ def create_transport(config: TransportConfig, workspace: Path) -> Transport:
         from .memory import MemoryTransport  # imported only when configured
 
         return MemoryTransport()
-    if config.failover:
-        return FailoverTransport([(name, _smtp(config.smtp.relays[name]))
-                                  for name in config.failover],
-                                 failback_after=config.failback_after)
-    return _smtp(config.smtp)
+    relays = config.smtp.relays
+    if not relays:
+        return _smtp(config.smtp)
+    # Named relays: the failover order (else [transport.smtp] alone), and every relay by
+    # name for messages queued with create_work(transport=...).
+    named: dict[str, SmtpConfig] = {"default": config.smtp, **relays}
+    return FailoverTransport(
+        [(name, _smtp(named[name])) for name in config.failover or ["default"]],
+        failback_after=config.failback_after,
+        named={name: functools.partial(_smtp, cfg) for name, cfg in named.items()})
 
 
 def _smtp(config: SmtpConfig) -> Transport:

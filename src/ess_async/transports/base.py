@@ -57,6 +57,9 @@ class Transport(ABC):
     outcome_pending: bool = False
     partial: SendResult | None = None
     checkpoint: Callable[[SendResult], Awaitable[None]] | None = None
+    # The named relay the next message must go through (``create_work(transport=...)``),
+    # set by the sender before each send; a transport without named relays ignores it.
+    route: str | None = None
 
     @abstractmethod
     async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,

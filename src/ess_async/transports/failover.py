@@ -1,4 +1,4 @@
-"""Failover across several relays: ``[transport] failover = ["primary", "backup"]``.
+"""Named relays and failover: ``[transport] failover = ["primary", "backup"]``.
 
 Each send goes through the first relay in the list that is not marked down. A relay that
 cannot be used (a connection, TLS or greeting failure, a 4xx at connect, a policy reply
@@ -7,6 +7,9 @@ marked down for ``failback_after`` seconds and the same message goes to the next
 at once; once that time has passed the first relay is tried first again, so sending
 moves back when it recovers. A reply about the message itself (4xx/5xx to RCPT or DATA,
 an outcome unknown) never moves it to another relay: that could deliver it twice.
+
+A message queued with ``create_work(transport="name")`` (``route``) goes through that
+relay alone, whatever the failover order.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ class FailoverTransport(Transport):
     """Relays in order of preference, each a transport of its own (one connection)."""
 
     def __init__(self, relays: list[tuple[str, Transport]], *, failback_after: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 named: dict[str, Callable[[], Transport]] | None = None) -> None:
         if not relays:
             raise ValueError("failover needs at least one relay")
-        self.relays = relays
+        self.relays = relays  # the failover order
+        self._named = named or {}  # relays messages may pick by name, made when first used
+        self._routed: dict[str, Transport] = {}
         self.failback_after = failback_after
         self.clock = clock
         self._down_until = [0.0] * len(relays)
@@ -60,8 +66,23 @@ class FailoverTransport(Transport):
         # All down: try them all anyway (the sender's throttle makes this a lone probe).
         return up or list(range(len(self.relays)))
 
+    def _by_name(self, name: str) -> Transport:
+        for relay, transport in self.relays:
+            if relay == name:
+                return transport
+        if name not in self._routed:
+            if name not in self._named:
+                raise DeliveryError(f"no relay {name!r} in [transport.smtp]",
+                                    phase="CONNECT", destination=True)
+            self._routed[name] = self._named[name]()
+        return self._routed[name]
+
     async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
                    smtputf8: bool = False) -> SendResult:
+        if self.route is not None:  # the message named its relay: that one alone
+            transport = self._current = self._by_name(self.route)
+            transport.checkpoint = self.checkpoint
+            return await transport.send(mail_from, recipients, raw, smtputf8=smtputf8)
         failure: DeliveryError | None = None
         for index in self._order():
             name, transport = self.relays[index]
@@ -87,5 +108,5 @@ class FailoverTransport(Transport):
         raise failure
 
     async def close(self) -> None:
-        for _, transport in self.relays:
+        for transport in [t for _, t in self.relays] + list(self._routed.values()):
             await transport.close()
