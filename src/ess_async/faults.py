@@ -11,7 +11,8 @@ after_250, after_journal, before_unlink_active (the next state written, active/ 
 removed), between_key_and_message (an idempotency key written, its message not yet),
 between_transactions (a message split by a recipient limit: one transaction accepted
 and checkpointed, the next not begun).
-Error points: journal_write, journal_sync, spool_commit.
+Error points: journal_write, journal_sync, journal_dir_sync (after a compaction's
+rename), spool_commit.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ CRASH_POINTS = frozenset({"after_tmp_write", "after_queue_rename", "after_claim"
                           "after_mail_from", "during_data", "after_250", "after_journal",
                           "before_unlink_active", "between_key_and_message",
                           "between_transactions"})
-FAIL_POINTS = frozenset({"journal_write", "journal_sync", "spool_commit"})
+FAIL_POINTS = frozenset({"journal_write", "journal_sync", "journal_dir_sync",
+                         "spool_commit"})
 
 
 def _parse(variable: str, points: frozenset[str]) -> tuple[str, int] | None:
