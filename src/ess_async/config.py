@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, MessageError
+from .limits import normalize_domain
 from .message import build_message
 
 __all__ = (
@@ -22,6 +23,7 @@ __all__ = (
     "Config",
     "DkimConfig",
     "DkimKeyConfig",
+    "DomainLimits",
     "EventsConfig",
     "FileConfig",
     "MaildirConfig",
@@ -160,6 +162,15 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class DomainLimits:
+    """[limits."example.com"] (or [limits."*"], every other domain): a recipient domain's
+    budget; 0 = no limit. See ess_async.limits."""
+    max_connections: int = 0  # messages to the domain in flight at once
+    max_per_second: float = 0.0  # sends start at least 1/this s apart
+    max_per_minute: int = 0  # sends started in any 60 s window
+
+
+@dataclass(frozen=True)
 class Config:
     message: dict[str, Any] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -168,11 +179,12 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    limits: dict[str, DomainLimits] = field(default_factory=dict)  # by recipient domain
 
 
 _MESSAGE_DEFAULT_KEYS = frozenset({"from", "reply_to", "cc", "bcc", "headers", "tags",
                                    "message_id_domain"})
-_ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second",
+_ZERO_OR_MORE = {"max_attempts", "max_connections", "max_per_second", "max_per_minute",
                   "max_messages_per_connection", "keep_passed_days", "keep_failed_days",
                   "keep_passed", "keep_failed", "ttl_days", "retries"}
 _POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff",
@@ -336,6 +348,20 @@ def _check_dkim(dkim: DkimConfig) -> None:
             raise ConfigError("dkim.headers", f"{header} must not be signed")
 
 
+def _check_limits(limits: dict[str, DomainLimits]) -> None:
+    """Each [limits."DOMAIN"] names a domain (or "*") once, whatever its case."""
+    seen: dict[str, str] = {}
+    for name in limits:
+        if name == "*":
+            continue
+        domain = normalize_domain(name)
+        if not domain or "@" in name or any(c.isspace() or c in '<>[]",;' for c in name):
+            raise ConfigError(f'limits."{name}"', 'not a domain (or "*" for every domain)')
+        if domain in seen:
+            raise ConfigError(f'limits."{name}"', f'the same domain as limits."{seen[domain]}"')
+        seen[domain] = name
+
+
 def parse_config(data: dict[str, Any], source: object = None) -> Config:
     """Build a Config from an already-parsed TOML document."""
     try:
@@ -356,6 +382,10 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
         _check_dkim(config.dkim)
         if config.server.metrics:
             parse_listen(config.server.metrics, "server.metrics")
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, path=source) from None
+    try:
+        _check_limits(config.limits)
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.problem, path=source) from None
     webhook = config.events.webhook
@@ -457,6 +487,17 @@ secret_env = "ESS_EVENTS_SECRET"   # HMAC-SHA256 key for X-Ess-Signature (requir
 timeout = 10         # seconds per webhook request
 retries = 5          # after network errors, 408, 429 and 5xx (1 s, 2 s, 4 s, ... backoff)
 queue_size = 10000   # events waiting per handler; beyond that new ones are dropped
+
+# [limits."example.com"]  # a recipient domain's budget (issue 14); 0 = no limit.
+# max_connections = 0      # messages to it in flight at once
+# max_per_second = 0       # sends start at least 1/this seconds apart (no burst)
+# max_per_minute = 0       # at most this many sends start in any 60 s window
+#
+# [limits."*"]             # the default: a budget of its own for every other domain
+# max_per_second = 0
+#
+# Messages over a domain's budget wait in queued/ (no attempt counted) while other
+# domains flow; a push-back reply to a domain's recipients slows that domain alone.
 
 [dkim]
 # Sign with DKIM (pip install 'ess_async[dkim]'). The default key signs messages whose

@@ -29,13 +29,14 @@ from .errors import ConfigError, EssError, MessageNotFound
 from .events import EventBus, Webhook, callback_sink, event_kind, make_event
 from .identity import check_ehlo_name
 from .journal import Journal, replay
+from .limits import DomainLimiter, domains_of
 from .lock import WorkspaceLock
 from .metrics import LAST_ERROR_NAME, MetricsServer
 from .ops import QueueOps
 from .outcome import Outcome, message_id
 from .pool import TransportPool
 from .retry import RetryPolicy
-from .sender import Dispatcher, WorkItem, WorkloadSummary
+from .sender import _INLINE_BYTES, Dispatcher, WorkItem, WorkloadSummary
 from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
 from .suppression import SuppressionList
 from .throttle import Throttle
@@ -75,6 +76,14 @@ class _Run:
         self.closed = asyncio.Event()  # set once the run has settled and released the lock
         self.compaction: asyncio.Future[None] | None = None
         self.settle_wake = asyncio.Event()  # set when an accepted message awaits its record
+        # Per-domain limits (issue 14 part 4): messages over a domain's budget are parked
+        # here, by the domain they wait for, unclaimed (still in queued/ or deferred/);
+        # one at a time per domain is offered again when the domain is ready.
+        self.limiter: DomainLimiter | None = dispatcher.limiter
+        self.domains: dict[str, frozenset[str]] = {}  # message id -> recipient domains
+        self.parked: dict[str, dict[str, WorkItem]] = {}  # domain -> waiting, in order
+        self.woken: dict[str, tuple[str, float]] = {}  # domain -> (id offered, when)
+        self.park_wake = asyncio.Event()
 
 
 class Manager:
@@ -212,6 +221,8 @@ class Manager:
         if prepared.state in ("queued", "scheduled"):
             self._emit("queued", record)
         run = self._run
+        if run is not None and run.limiter is not None and run.limiter.active:
+            self._remember_domains(run, path.stem, record.get("recipients") or [])
         if run is not None and run.live:
             if prepared.state == "queued":
                 self._offer(run, path.stem, "queued")
@@ -310,12 +321,15 @@ class Manager:
             smtp = self.config.transport.smtp
             throttle = Throttle(smtp.max_connections or self.spawn,
                                 max_per_second=smtp.max_per_second)
+            limiter = DomainLimiter(self.config.limits,
+                                    default_concurrency=throttle.max_concurrency)
             if self.config.server.delivery_log:
                 fd = os.open(self.workspace / "delivery.log",
                              os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 log = os.fdopen(fd, "a", encoding="utf-8")
             dispatcher = Dispatcher(self.spool, journal, self.policy, clock=self.clock,
                                     rand=self.rand, throttle=throttle, delivery_log=log)
+            dispatcher.limiter = limiter
             dispatcher.stats.error_file = self.workspace / LAST_ERROR_NAME
             # DKIM keys are read once, here: a bad key file is a ConfigError at start.
             dispatcher.signer = DkimSigner.from_config(self.config.dkim, self.workspace)
@@ -468,6 +482,7 @@ class Manager:
             self._offer(run, msg_id, state)
 
     def _finished(self, run: _Run, msg_id: str) -> None:
+        run.domains.pop(msg_id, None)  # a deferred one may have fewer recipients now
         for waiter in self._waiters.get(msg_id, ()):
             waiter.set()
         self._maybe_compact(run)
@@ -533,22 +548,133 @@ class Manager:
                 try:
                     item = run.queue.get_nowait()
                 except asyncio.QueueEmpty:
+                    if run.parked and await self._drain_wait(run):
+                        continue
                     return
             else:
                 item = await run.queue.get()
             if run.pending.get(item.msg_id) != item.source:
                 continue  # stale: offered again from another folder since
+            limiter = run.limiter
+            domains: frozenset[str] = frozenset()
+            if limiter is not None and limiter.active:
+                domains = await self._domains(run, item)
+                if run.pending.get(item.msg_id) != item.source:
+                    continue
+                self._unwoken(run, item.msg_id)
+                blocked = limiter.blocked(domains)
+                if blocked is not None:  # over a domain's budget: park it, take the next
+                    del run.pending[item.msg_id]
+                    run.parked.setdefault(blocked[0], {})[item.msg_id] = item
+                    run.park_wake.set()
+                    continue
+                limiter.acquire(domains)
             del run.pending[item.msg_id]
-            async with throttle:
-                # Connections are borrowed per message: idle ones are shared, capped and
-                # closed after idle_timeout, instead of one held open by every sender.
-                transport = await run.pool.borrow(limit=throttle.limit)
-                try:
-                    await self._deliver(run, item, transport)
-                finally:
-                    run.pool.give_back(transport, limit=throttle.limit)
+            try:
+                async with throttle:
+                    # Connections are borrowed per message: idle ones are shared, capped
+                    # and closed after idle_timeout, instead of one held open by every
+                    # sender.
+                    transport = await run.pool.borrow(limit=throttle.limit)
+                    try:
+                        await self._deliver(run, item, transport)
+                    finally:
+                        run.pool.give_back(transport, limit=throttle.limit)
+            finally:
+                if domains and limiter is not None:
+                    limiter.release(domains)
+                    if run.parked:
+                        run.park_wake.set()
             if progress:
                 progress(run.dispatcher.summary)
+
+    async def _drain_wait(self, run: _Run) -> bool:
+        """The queue is empty in a ``process`` pass: wait for parked messages of domains
+        that are not paused (True), or end the pass (False: the rest stays queued)."""
+        limiter = run.limiter
+        if limiter is None or run.dispatcher.throttle.paused or not any(
+                not limiter.paused(domain) for domain in run.parked):
+            return False
+        self._unpark(run)
+        if run.queue.empty():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.park_wake.wait(), 0.05)
+        return True
+
+    # -- per-domain limits (issue 14 part 4) -----------------------------------------
+
+    def _remember_domains(self, run: _Run, msg_id: str, recipients: list[str]) -> None:
+        if len(run.domains) >= 100_000:
+            run.domains.clear()  # a cache: what is dropped is read again
+        run.domains[msg_id] = domains_of(recipients)
+
+    async def _domains(self, run: _Run, item: WorkItem) -> frozenset[str]:
+        """A message's recipient domains: remembered from create_work, or read once from
+        its file (not claimed: the limits are looked at before claiming)."""
+        found = run.domains.get(item.msg_id)
+        if found is not None:
+            return found
+        path = self.spool.path(item.source, item.msg_id)
+        try:
+            record = self.spool.read_small(path, _INLINE_BYTES)
+            if record is None:
+                record = await asyncio.to_thread(self.spool.read, path)
+            recipients = record.get("recipients") or []
+        except (OSError, CorruptRecord):
+            return frozenset()  # gone or bad: the claim sees to it
+        if not isinstance(recipients, list):
+            return frozenset()
+        self._remember_domains(run, item.msg_id, [r for r in recipients if isinstance(r, str)])
+        return run.domains[item.msg_id]
+
+    @staticmethod
+    def _unwoken(run: _Run, msg_id: str) -> None:
+        """A message offered by ``_unpark`` reached a sender: its domain may offer the
+        next one."""
+        for domain in [d for d, (woken, _) in run.woken.items() if woken == msg_id]:
+            del run.woken[domain]
+            run.park_wake.set()
+
+    def _unpark(self, run: _Run) -> float | None:
+        """Offer again, one at a time per domain, parked messages whose domain is ready;
+        returns the seconds until a domain is ready by time (None: only a finished send
+        or a new park can make one ready)."""
+        limiter = run.limiter
+        if limiter is None:
+            return None
+        now = limiter.clock()
+        next_at = math.inf
+        for domain in list(run.parked):
+            waiting = run.parked[domain]
+            woken = run.woken.get(domain)
+            if woken is not None:
+                if now - woken[1] < 1.0:  # the one offered has not reached a sender yet
+                    next_at = min(next_at, woken[1] + 1.0)
+                    continue
+                del run.woken[domain]
+            at = limiter.ready_at(domain, now)
+            if at > now:
+                next_at = min(next_at, at)
+                continue
+            while waiting:
+                msg_id = next(iter(waiting))
+                item = waiting.pop(msg_id)
+                if msg_id in run.pending or msg_id in run.dispatcher.claimed:
+                    continue  # offered again meanwhile (a rescan, an operator)
+                self._offer(run, msg_id, item.source)
+                run.woken[domain] = (msg_id, now)
+                next_at = min(next_at, now + 1.0)
+                break
+            if not waiting:
+                del run.parked[domain]
+        return None if math.isinf(next_at) else max(0.0, next_at - now)
+
+    async def _unparker(self, run: _Run) -> None:
+        while True:
+            delay = self._unpark(run)
+            run.park_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.park_wake.wait(), delay)
 
     async def _reaper(self, run: _Run) -> None:
         """Close connections nobody has used for ``idle_timeout``."""
@@ -624,7 +750,12 @@ class Manager:
             await self._scan_queued(run)
             self.workers = [asyncio.create_task(self._sender(run, drain=True, progress=progress))
                             for _ in range(self.spawn)]
-            await asyncio.gather(*self.workers)
+            unparker = asyncio.create_task(self._unparker(run))
+            try:
+                await asyncio.gather(*self.workers)
+            finally:
+                unparker.cancel()
+                await asyncio.gather(unparker, return_exceptions=True)
             return run.dispatcher.summary
         finally:
             for task in self.workers:
@@ -657,7 +788,8 @@ class Manager:
                 asyncio.create_task(self._timers(run)),
                 asyncio.create_task(self._rescan(run)),
                 asyncio.create_task(self._settler(run)),
-                asyncio.create_task(self._reaper(run))]
+                asyncio.create_task(self._reaper(run)),
+                asyncio.create_task(self._unparker(run))]
             self.workers = [asyncio.create_task(self._sender(run, drain=False))
                             for _ in range(self.spawn)]
             await self._load_waiting(run, "deferred")
