@@ -321,3 +321,43 @@ async def test_entry_held_during_compaction_is_never_falsely_durable(
         await compaction
     finally:
         journal.close()
+
+
+class _SlowSigner:
+    """A signer whose second signature never finishes (a busy signing pool)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.in_second = asyncio.Event()
+
+    async def sign(self, raw: bytes) -> bytes:
+        self.calls += 1
+        if self.calls >= 2:
+            self.in_second.set()
+            await asyncio.sleep(3600)
+        return raw
+
+    def close(self) -> None:
+        pass
+
+
+async def test_stop_while_signing_never_reads_the_last_sends_state(
+        tmp_path: Path, smtp_server: SMTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 8 item 3 (review): a stop that cuts a send while its message is being signed
+    (before the transport starts) must leave it queued: the pooled transport still holds
+    the previous send's result, which must not be read as this message's (the message
+    was recorded as passed and never sent: lost)."""
+    from ess_async import manager as manager_module
+
+    signer = _SlowSigner()
+    monkeypatch.setattr(manager_module.DkimSigner, "from_config",
+                        staticmethod(lambda *args, **kwargs: signer))
+    config = make_config(smtp_server.port, server={"grace": 0.3})
+    manager = Manager(tmp_path / "ws", config=config, spawn=1)
+    async with manager:
+        first = await manager.create_work(to="a@example.com", subject="A")
+        assert (await manager.wait(first, timeout=10)).state == "passed"
+        second = await manager.create_work(to="b@example.com", subject="B")
+        await asyncio.wait_for(signer.in_second.wait(), 10)
+    assert smtp_server.handler.subjects() == ["A"]
+    assert [p.stem for p in (tmp_path / "ws" / "queued").iterdir()] == [second.stem]

@@ -242,3 +242,35 @@ async def test_memory_transport_registered(tmp_path: Path) -> None:
         assert sent.recipients == ["to@example.com"] and b"Subject: kept" in sent.raw
     finally:
         del memory.outbox[before:]
+
+
+HAS_IT_ALL = f"""#!{sys.executable}
+import sys, time, pathlib
+data = sys.stdin.buffer.read()
+pathlib.Path(__file__).with_name("got").write_bytes(data)   # it has the whole message
+time.sleep(60)                                              # e.g. slow local delivery
+"""
+
+
+async def test_stop_while_the_program_has_the_message_is_outcome_unknown(
+        tmp_path: Path) -> None:
+    """Issue 13 part 4 with issue 8 item 3 (review): a stop whose grace runs out while the
+    program runs, after it read the whole message, records the message as outcome unknown
+    (deferred), never requeued as if nothing was sent."""
+    prog = tmp_path / "sendmail"
+    prog.write_text(HAS_IT_ALL)
+    prog.chmod(0o755)
+    config = parse_config({"message": {"from": "s@example.com"},
+                           "retry": {"min_backoff": 60, "max_backoff": 120},
+                           "server": {"grace": 0.5},
+                           "transport": {"type": "sendmail", "sendmail": {
+                               "path": str(prog), "args": ["-i", "--"], "timeout": 30}}})
+    manager = Manager(tmp_path / "ws", config=config, spawn=1)
+    async with manager:
+        path = await manager.create_work(to="a@example.com", subject="S", body="b")
+        async with asyncio.timeout(20):
+            while not (tmp_path / "got").exists():
+                await asyncio.sleep(0.05)
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "ws" / "deferred").iterdir()]
+    assert record["id"] == path.stem
+    assert record["last_error"]["outcome_unknown"] is True

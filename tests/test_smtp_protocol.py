@@ -6,6 +6,7 @@ never stands between a final 250 and the caller."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -245,3 +246,61 @@ async def test_recycled_connection_closes_after_returning(
     assert len(set(handler.peers)) == 2
     await transport.close()
     assert handler.quits == handler.peers
+
+
+async def _garbled_final_server(received: list[bytes],
+                                writers: list[asyncio.StreamWriter]) -> asyncio.Server:
+    """A server that reads a whole message and answers its end of data with garbage."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(b"220 raw ESMTP\r\n")
+        data: list[bytes] | None = None
+        while line := await reader.readline():
+            if data is not None:
+                if line == b".\r\n":
+                    received.append(b"".join(data))
+                    data = None
+                    writer.write(b"XYZ garbled\r\n")
+                else:
+                    data.append(line)
+            elif line[:4].upper() in (b"EHLO", b"HELO"):
+                writer.write(b"250-raw\r\n250 SIZE 1000000\r\n")
+            elif line[:4].upper() == b"DATA":
+                data = []
+                writer.write(b"354 go\r\n")
+            elif line[:4].upper() == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(session, "127.0.0.1", 0)
+
+
+async def test_garbled_reply_to_the_end_of_data_is_outcome_unknown() -> None:
+    """Issue 8 item 11 (review): the server read the whole message and answered its end of
+    data with something unparseable: outcome unknown (the old code made it a plain retry,
+    resent with no mark and the normal backoff)."""
+    received: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+    server = await _garbled_final_server(received, writers)
+    port = server.sockets[0].getsockname()[1]
+    transport = SMTPTransport(make_config(port, transport={"smtp": {
+        "port": port, "pipelining": "off"}}).transport.smtp)
+    try:
+        with pytest.raises(TemporaryDeliveryError) as info:
+            await transport.send("a@example.com", ["b@example.com"],
+                                 b"From: a@example.com\r\nSubject: x\r\n\r\nbody\r\n")
+    finally:
+        await transport.close()
+        server.close()
+        for writer in writers:  # the server's side of the connection, too
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+    assert len(received) == 1
+    assert info.value.outcome_unknown is True

@@ -99,14 +99,16 @@ class SendmailTransport(Transport):
             except TimeoutError:
                 _kill(proc)
                 await proc.wait()
+                unknown, self.outcome_pending = self.outcome_pending, False
                 raise TemporaryDeliveryError(
                     f"{self.config.path} did not exit within {self.config.timeout:g}s "
-                    "(killed)", phase="DATA", outcome_unknown=self.outcome_pending) from None
+                    "(killed)", phase="DATA", outcome_unknown=unknown) from None
         except BaseException:
-            _kill(proc)  # cancelled (a stop whose grace ran out) or failed: no orphan
+            # Cancelled (a stop whose grace ran out) or failed: no orphan. outcome_pending
+            # stays as it is: the sender reads it to know whether the program had it all.
+            _kill(proc)
             raise
-        finally:
-            self.outcome_pending = False
+        self.outcome_pending = False
         reply = _text(err) or _text(out)
         name = os.path.basename(self.config.path)
         if status == 0:

@@ -264,6 +264,18 @@ class SMTPTransport(Transport):
         except PermanentDeliveryError:
             raise  # no SMTPUTF8: found before MAIL FROM, nothing to undo
         except aiosmtplib.SMTPResponseException as exc:
+            if exc.code < 0 and self.outcome_pending:
+                # An unreadable reply to the end of the data: the server read the whole
+                # message and said something we cannot parse. Outcome unknown.
+                self._abort()
+                if progress.accepted is not None:
+                    progress.refused.update(
+                        (rcpt, (451, _OUTCOME_UNKNOWN)) for rcpt in progress.batch)
+                    progress.batch = []
+                    return self._finished(progress, (451, _NOT_SENT))
+                raise TemporaryDeliveryError(
+                    f"unreadable reply to the end of the data: {exc.message}",
+                    outcome_unknown=True, phase="DATA") from None
             if exc.code == 421 or exc.code < 0:
                 self._abort()  # 421: the server is closing it; < 0: a garbled reply
             else:
