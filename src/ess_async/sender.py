@@ -27,6 +27,7 @@ from .errors import DeliveryError, SpoolError, TemporaryDeliveryError
 from .expiry import clamp_due, expire, is_expired
 from .faults import crash_point
 from .journal import Journal
+from .limits import DomainLimiter, domains_of, pushback_domains
 from .message import stamp_date
 from .metrics import DeliveryStats
 from .retry import RetryPolicy
@@ -92,6 +93,7 @@ class Dispatcher:
         self.summary = WorkloadSummary()
         self.stats = DeliveryStats(clock)  # metrics and health (issue 14)
         self.signer: DkimSigner | None = None  # DKIM: signs the bytes of each attempt
+        self.limiter: DomainLimiter | None = None  # per-domain limits and push-back
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._read = aiofiles.os.wrap(spool.read)
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
@@ -162,7 +164,15 @@ class Dispatcher:
                                           smtputf8=utf8)
         except DeliveryError as exc:
             self.stats.attempt(time.perf_counter() - started, exc.code, exc)
-            if exc.pushback:
+            if exc.pushback and exc.phase == "RCPT" and self.limiter is not None:
+                # About the recipients' domain(s), not the relay: that domain slows down
+                # (a 421 at RCPT names no recipient: the message's domains).
+                pushed = (pushback_domains(exc.refused) if exc.refused else set()) or \
+                    domains_of(exc.refused or record["recipients"])
+                self.limiter.push_back(pushed)
+                logger.warning("push-back for %s (%s): that domain pauses",
+                               ", ".join(sorted(pushed)), exc)
+            elif exc.pushback:
                 self.throttle.push_back()
                 logger.warning("server pushed back (%s): %d concurrent sends, pausing",
                                exc, self.throttle.limit)
@@ -198,6 +208,11 @@ class Dispatcher:
         crash_point("after_250")
         self.stats.attempt(time.perf_counter() - started, result.code)
         self.throttle.success()
+        if self.limiter is not None and (self.limiter.active or result.refused):
+            pushed = pushback_domains(result.refused) if result.refused else set()
+            if pushed:
+                self.limiter.push_back(pushed)
+            self.limiter.success(domains_of(record["recipients"]) - pushed)
         # From here on the message is delivered: finish even if the run is being cancelled.
         entry = self._accepted_entry(record, result)
         self.claimed[msg_id] = entry  # in memory at once: never requeued from here on
