@@ -144,6 +144,8 @@ class _Protocol(asyncio.Protocol):
                 session.mail_from = line.split("<", 1)[1].split(">", 1)[0]
                 session.mail_in_chunk = True
             self.reply(reply)
+            if reply.startswith("421"):  # closing, as servers do: no more replies
+                self.transport.close()
         elif verb == "RCPT":
             address = line.split("<", 1)[1].split(">", 1)[0]
             if session.mail_from is None or pipelined_group:

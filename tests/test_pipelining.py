@@ -393,3 +393,16 @@ test_reused_nothing_accepted = limits.test_nothing_accepted_still_raises
 # Processes killed at each crash point (after_mail_from, during_data, after_250, ...) with
 # the pipelined path in use: nothing lost, no duplicate but after_250's one.
 test_reused_crash_while_delivering = crash.test_crash_while_delivering
+
+
+async def test_421_at_a_pipelined_mail_is_push_back(
+        server: PipeliningServer, transport_for: Callable[..., PipeliningTransport]) -> None:
+    """Issue 11 item 1 / issue 9 item 4 (review): a 421 to a pipelined MAIL, the server
+    then closing, is push-back at MAIL (uncharged), as one command at a time; it was lost
+    as "connection lost during MAIL" and charged as an attempt."""
+    server.mail_replies.append("421 4.7.0 Try again later, closing connection")
+    transport = transport_for(server.port)
+    with pytest.raises(TemporaryDeliveryError) as caught:
+        await transport.send(FROM, ["a@example.com"], raw("pushed back"))
+    assert (caught.value.code, caught.value.pushback, caught.value.phase) == (421, True, "MAIL")
+    assert (await transport.send(FROM, ["b@example.com"], raw("next"))).code == 250

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..errors import DeliveryError
+from ..errors import DeliveryError, PermanentDeliveryError
 from .base import SendResult, Transport
 
 __all__ = ("FailoverTransport",)
@@ -71,9 +71,10 @@ class FailoverTransport(Transport):
             if relay == name:
                 return transport
         if name not in self._routed:
-            if name not in self._named:
-                raise DeliveryError(f"no relay {name!r} in [transport.smtp]",
-                                    phase="CONNECT", destination=True)
+            if name not in self._named:  # the config changed since it was queued
+                raise PermanentDeliveryError(
+                    f"no relay {name!r} in the config ([transport.smtp.{name}])",
+                    phase="CONNECT")
             self._routed[name] = self._named[name]()
         return self._routed[name]
 

@@ -393,7 +393,7 @@ class PipeliningTransport(SMTPTransport):
         self._phase = "MAIL"
         reply = await protocol.read(timeout)
         if reply.code != 250:
-            if pipelining:
+            if pipelining and reply.code != 421:  # a 421 closes: no more replies come
                 # Every RCPT and the DATA were refused too (503) unless the server is
                 # broken; read them all before saying so.
                 last = await self._skip(conn, len(group) + 1)
