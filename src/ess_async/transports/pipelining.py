@@ -32,7 +32,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 
 from .. import replies
 from ..config import SmtpConfig
-from ..errors import PermanentDeliveryError, TemporaryDeliveryError
+from ..errors import PermanentDeliveryError
 from ..faults import crash_point
 from .base import SendResult
 from .smtp import (
@@ -325,26 +325,9 @@ class PipeliningTransport(SMTPTransport):
                 return self._finished(progress, _later_refusal(exc.code, exc.message, phase))
             raise self._error(exc.code, exc.message, phase) from None
         except OSError as exc:  # _Lost too; and timeouts
-            unknown_outcome = self.outcome_pending
-            phase = self._phase
-            self._abort()
-            if progress.accepted is not None:
-                if unknown_outcome:
-                    progress.refused.update(
-                        (rcpt, (451, _OUTCOME_UNKNOWN)) for rcpt in progress.batch)
-                    progress.batch = []
-                    return self._finished(progress, (451, _NOT_SENT))
-                return self._finished(progress, (
-                    451, f"4.4.2 not sent: connection lost during {phase}: {exc!r}"))
-            raise TemporaryDeliveryError(f"connection lost during {phase}: {exc!r}",
-                                         outcome_unknown=unknown_outcome,
-                                         phase=phase) from None
+            return self._lost(progress, self._phase, repr(exc), unknown=self.outcome_pending)
         except Exception as exc:
-            self._abort()
-            if progress.accepted is None:
-                raise
-            logger.exception("unexpected error after a transaction was accepted")
-            return self._finished(progress, (451, f"4.3.0 not sent: internal error {exc!r}"))
+            return self._unexpected(progress, exc)
         except BaseException:
             self._abort()  # cancelled: outcome_pending and partial say where it stopped
             raise

@@ -267,15 +267,8 @@ class SMTPTransport(Transport):
             if exc.code < 0 and self.outcome_pending:
                 # An unreadable reply to the end of the data: the server read the whole
                 # message and said something we cannot parse. Outcome unknown.
-                self._abort()
-                if progress.accepted is not None:
-                    progress.refused.update(
-                        (rcpt, (451, _OUTCOME_UNKNOWN)) for rcpt in progress.batch)
-                    progress.batch = []
-                    return self._finished(progress, (451, _NOT_SENT))
-                raise TemporaryDeliveryError(
-                    f"unreadable reply to the end of the data: {exc.message}",
-                    outcome_unknown=True, phase="DATA") from None
+                return self._lost(progress, "DATA", f"unreadable reply {exc.message!r}",
+                                  unknown=True)
             if exc.code == 421 or exc.code < 0:
                 self._abort()  # 421: the server is closing it; < 0: a garbled reply
             else:
@@ -285,27 +278,10 @@ class SMTPTransport(Transport):
             raise self._error(exc.code, exc.message, phase) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             # Lost or timed out after the end of the data: the server may have it.
-            unknown_outcome = self.outcome_pending
-            self._abort()
-            if progress.accepted is not None:
-                if unknown_outcome:  # the outcome-unknown window of a later transaction
-                    progress.refused.update(
-                        (rcpt, (451, _OUTCOME_UNKNOWN)) for rcpt in progress.batch)
-                    progress.batch = []
-                    return self._finished(progress, (451, _NOT_SENT))
-                return self._finished(progress, (
-                    451, f"4.4.2 not sent: connection lost during {phase}: {exc}"))
-            raise TemporaryDeliveryError(f"connection lost during {phase}: {exc}",
-                                         outcome_unknown=unknown_outcome,
-                                         phase=phase) from None
+            return self._lost(progress, phase, str(exc), unknown=self.outcome_pending)
         except Exception as exc:
             # Unexpected (a hostile record, a bug): the connection is dropped at once.
-            self._abort()
-            if progress.accepted is None:
-                raise
-            # An earlier transaction was accepted: that delivery must be recorded.
-            logger.exception("unexpected error after a transaction was accepted")
-            return self._finished(progress, (451, f"4.3.0 not sent: internal error {exc!r}"))
+            return self._unexpected(progress, exc)
         except BaseException:
             # Cancelled: the transaction may be open or a reply unread, so the connection
             # is dropped at once, never left for the next message to meet (503 nested
@@ -329,6 +305,31 @@ class SMTPTransport(Transport):
         if limit and self._sent_on_connection >= limit:
             self._recycle = True  # closed at the next send() or close()
         return self._finished(progress, None)
+
+    def _lost(self, progress: _Progress, phase: str, detail: str, *,
+              unknown: bool) -> SendResult:
+        """The connection broke (or a reply could not be read) during ``phase``; with
+        ``unknown`` the server may have the open transaction's message. The result if an
+        earlier transaction was accepted; else raises TemporaryDeliveryError."""
+        self._abort()
+        why = f"connection lost during {phase}: {detail}"
+        if progress.accepted is None:
+            raise TemporaryDeliveryError(why, outcome_unknown=unknown, phase=phase)
+        if unknown:  # the outcome-unknown window of a later transaction
+            progress.refused.update(
+                (rcpt, (451, _OUTCOME_UNKNOWN)) for rcpt in progress.batch)
+            progress.batch = []
+            return self._finished(progress, (451, _NOT_SENT))
+        return self._finished(progress, (451, f"4.4.2 not sent: {why}"))
+
+    def _unexpected(self, progress: _Progress, exc: Exception) -> SendResult:
+        """An unexpected error mid-send: re-raised, unless an earlier transaction was
+        accepted (that delivery must be recorded: the rest are not sent)."""
+        self._abort()
+        if progress.accepted is None:
+            raise exc
+        logger.exception("unexpected error after a transaction was accepted")
+        return self._finished(progress, (451, f"4.3.0 not sent: internal error {exc!r}"))
 
     def _finished(self, progress: _Progress, rest: tuple[int, str] | None) -> SendResult:
         """The result of a send that delivered to at least one transaction's recipients;
