@@ -14,6 +14,11 @@ Starts its own sink process (benchmarks/sink.py, 127.0.0.1 only) and measures
 4. latency while serving idle (``async with Manager``): create_work -> at the sink;
 5. scale: 1k / 10k / 100k queued (--quick: 1k / 5k), each drained in its own process:
    start-up, the scan, peak RSS of that process (wait4's ru_maxrss), msgs/s.
+6. ``--scale N`` alone (e.g. ``--scale 1000000``; off by default, it takes minutes): a
+   backlog of N served (``async with Manager``, as ``serve`` does) for ``--window``
+   seconds, then a forced rescan, beside a 1k backlog served the same way in the same
+   run: time to first delivery, the largest gap of a 10 ms ticker during start-up and
+   during the rescan, msgs/s over the window, peak RSS (issue 11 item 5).
 
 Every figure comes with a correctness check: the sink received exactly N messages, N
 distinct (no loss, no duplicate). Enqueued messages are delivered afterwards (untimed) to
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import resource
@@ -117,6 +123,10 @@ class AsyncControl:
 
     async def wait(self, n: int, timeout: float = 60.0) -> dict[str, Any]:
         self.writer.write(f"WAIT {n} {timeout}\n".encode())
+        return json.loads(await self.reader.readline())  # type: ignore[no-any-return]
+
+    async def stats(self) -> dict[str, Any]:
+        self.writer.write(b"STATS\n")
         return json.loads(await self.reader.readline())  # type: ignore[no-any-return]
 
     async def close(self) -> None:
@@ -472,6 +482,167 @@ def scale(base: Path, sink: Sink, n: int, k: int) -> dict[str, Any]:
     return result
 
 
+# -- 6. a huge backlog served (--scale N; issue 11 item 5) ------------------------------
+
+TARGET_BIG_START_S, TARGET_BIG_GAP_MS, TARGET_BIG_RSS_MB = 5.0, 50.0, 300.0
+
+
+def fill_copies(ws: Path, n: int) -> None:
+    """Fill queued/ fast, unsynced: one valid record written n times with its own id and
+    Subject (the sink finds duplicates by Subject)."""
+    prequeue(ws, 1)
+    queued = Spool(ws).dir("queued")
+    (name,) = os.listdir(queued)
+    data = (queued / name).read_bytes()
+    old_id = name[:-5].encode()
+    assert data.count(b"Subject: q0\\r\\n") == 1
+    os.unlink(queued / name)
+    folder = str(queued)
+    for i in range(n):
+        msg_id = new_id()
+        body = data.replace(old_id, msg_id.encode()).replace(
+            b"Subject: q0\\r\\n", f"Subject: q{i}\\r\\n".encode())
+        fd = os.open(f"{folder}/{msg_id}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, body)
+        finally:
+            os.close(fd)
+
+
+async def backlog_child(ws: Path, port: int, ctl_port: int, n: int, k: int,
+                        window: float) -> dict[str, Any]:
+    """Runs in its own process: serve the backlog at ``ws`` for ``window`` seconds (or
+    until all of it is delivered), force a rescan, stop."""
+    ctl = await AsyncControl.open(ctl_port)
+    manager = Manager(ws, spawn=k, config=config_for(port))
+    ticks: list[tuple[float, float]] = []  # (seconds since start, gap beyond 10 ms)
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            ticks.append((now - start, now - last - 0.01))
+            last = now
+
+    def largest(since: float, until: float) -> float:
+        return max((g for t, g in ticks if since <= t <= until), default=0.0) * 1000
+
+    start = time.monotonic()
+    tick = asyncio.create_task(ticker())
+    with CPU() as cpu:
+        async with manager:
+            first = await ctl.wait(1, 60)
+            run = manager._run
+            assert run is not None
+            at_window = await ctl.wait(n, max(0.0, window - (time.monotonic() - start)))
+            window_end = time.monotonic()
+            count = at_window["count"]
+            rescan_start = time.monotonic() - start
+            await manager._scan_queued(run)
+            rescan_s = time.monotonic() - start - rescan_start
+            await asyncio.sleep(1.0)
+            rescan_end = time.monotonic() - start
+        summary = run.dispatcher.summary
+    stopped = time.monotonic() - start
+    done.set()
+    await tick
+    stats = await ctl.stats()
+    await ctl.close()
+    last = at_window["at"] if at_window.get("at") else window_end
+    return {"n": n, "spawn": k, "window s": window, "start s": first["first"] - start,
+            "startup gap ms": largest(0.0, min(10.0, window_end - start)),
+            "serving gap ms": largest(0.0, window_end - start),
+            "rescan gap ms": largest(rescan_start, rescan_end),
+            "rescan s": rescan_s, "stop gap ms": largest(rescan_end, math.inf),
+            "stop s": stopped - rescan_end,
+            "delivered in window": count, "msgs/s": count / (last - start),
+            "steady msgs/s": (count - 1) / max(last - first["first"], 1e-9),
+            "delivered": stats["count"], "distinct": stats["distinct"],
+            "passed": summary.passed, **cpu.per(max(stats["count"], 1))}
+
+
+def backlog(base: Path, sink: Sink, n: int, k: int, window: float) -> dict[str, Any]:
+    ws, create_us = new_workspace(base)
+    t = time.perf_counter()
+    fill_copies(ws, n)
+    seeded = time.perf_counter() - t
+    print(f"  filled {n:,} in {seeded:.0f}s", file=sys.stderr)
+    sink.reset()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--backlog-child", str(n), "--ws", str(ws), "--port",
+             str(sink.port), "--ctl", str(sink.ctl_port), "--spawn", str(k),
+             "--window", str(window)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"backlog {n}: child exited with {status}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        time.sleep(0.05)
+        stats = sink.stats()
+        ok = stats["count"] == stats["distinct"] == result["passed"] == result["delivered"]
+        CHECKS[f"backlog {n}"] = {"expected": result["passed"], "count": stats["count"],
+                                  "distinct": stats["distinct"], "ok": ok}
+        print(f"  check backlog {n}: passed {result['passed']}, sink has {stats['count']}, "
+              f"{stats['distinct']} distinct: {'OK' if ok else 'FAILED'}", file=sys.stderr)
+        result["peak RSS MB"] = usage.ru_maxrss / 1024  # KiB on Linux
+        result["seed s"] = seeded
+        result["create us"] = create_us
+        if not ok:
+            raise SystemExit(f"backlog {n}: correctness check failed")
+    finally:
+        t = time.perf_counter()
+        shutil.rmtree(ws, ignore_errors=True)
+        print(f"  removed the workspace in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    return result
+
+
+def backlog_main(args: argparse.Namespace) -> int:
+    args.dir.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(dir=args.dir))
+    results: dict[str, Any] = {"machine": machine(False)}
+    sink = Sink()
+    try:
+        results["backlog"] = [timed(f"backlog {s}", lambda s=s: backlog(
+            base, sink, s, args.spawn, args.window)) for s in (1000, args.scale)]
+    finally:
+        sink.close()
+        shutil.rmtree(base, ignore_errors=True)
+    results["machine"]["loadavg after"] = os.getloadavg()
+    small, big = results["backlog"]
+    m = results["machine"]
+    print(f"\nnproc {m['nproc']}, Python {m['python']}, load "
+          f"{m['loadavg before'][0]:.2f} -> {m['loadavg after'][0]:.2f}")
+    for r in (small, big):
+        print(f"backlog {r['n']:,} (spawn {r['spawn']}): first delivery {r['start s']:.2f}s, "
+              f"largest loop gap: first 10 s {r['startup gap ms']:.0f} ms, "
+              f"window {r['serving gap ms']:.0f} ms; rescan {r['rescan s']:.2f}s, gap "
+              f"{r['rescan gap ms']:.0f} ms; stop {r['stop s']:.2f}s, gap "
+              f"{r['stop gap ms']:.0f} ms; "
+              f"{r['msgs/s']:,.0f} msgs/s over {r['delivered in window']:,} (steady "
+              f"{r['steady msgs/s']:,.0f}); peak RSS {r['peak RSS MB']:.0f} MB; CPU "
+              f"{r['cpu us/msg']:.0f} / {r['loop cpu us/msg']:.0f} us/msg")
+    drop = 1 - big["msgs/s"] / small["msgs/s"]
+    print("\ntargets:")
+    for name, met, value in [
+            ("first delivery <= 5 s", big["start s"] <= TARGET_BIG_START_S,
+             f"{big['start s']:.2f} s"),
+            ("loop never blocked > 50 ms (start-up, serving, rescan)",
+             max(big["serving gap ms"], big["rescan gap ms"]) <= TARGET_BIG_GAP_MS,
+             f"{big['serving gap ms']:.0f} ms serving, {big['rescan gap ms']:.0f} ms rescan "
+             f"({big['stop gap ms']:.0f} ms while stopping)"),
+            ("peak RSS <= 300 MB", big["peak RSS MB"] <= TARGET_BIG_RSS_MB,
+             f"{big['peak RSS MB']:.0f} MB"),
+            ("msgs/s within 20% of 1k", drop <= TARGET_SCALE_DROP,
+             f"{big['msgs/s']:,.0f} vs {small['msgs/s']:,.0f} ({-drop:+.0%})")]:
+        print(f"  {'met   ' if met else 'MISSED'}  {big['n']:,} backlog: {name}: {value}")
+    args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
 # -- the filesystem ------------------------------------------------------------------
 
 
@@ -534,7 +705,19 @@ def main() -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ctl", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--spawn", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, help="only the huge-backlog case with this "
+                        "many messages (e.g. 1000000; minutes), beside a 1k one")
+    parser.add_argument("--window", type=float, default=30.0,
+                        help="seconds to serve each --scale backlog (default 30)")
+    parser.add_argument("--backlog-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.backlog_child:
+        result = asyncio.run(backlog_child(args.ws, args.port, args.ctl, args.backlog_child,
+                                           args.spawn, args.window))
+        print(json.dumps(result))
+        return 0
+    if args.scale:
+        return backlog_main(args)
     if args.scale_child:
         result = asyncio.run(scale_child(args.ws, args.port, args.ctl, args.scale_child,
                                          args.spawn))
