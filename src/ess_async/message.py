@@ -1,6 +1,7 @@
 """Validate the attributes of a message and build it: headers by ``mime`` (the standard
-library's folder mangles white space around encoded-words), bodies and attachments by the
-standard library's ``email``.
+library's folder mangles white space around encoded-words), bodies and attachments by
+``fastbuild`` for the common shapes (the same bytes, ~5-10x less CPU) and by the standard
+library's ``email`` for the rest.
 
 Everything a message needs at send time (envelope, rendered MIME text, attachments'
 contents) is produced here, at ``create_work`` time, so delivery never reads user files.
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MessageError
+from .fastbuild import fast_mime
 from .htmltext import html_to_text
 from .identity import check_ehlo_name, format_date, is_local_name, new_message_id, stamp_date
 from .mime import LINE, address_header, unstructured_header
@@ -345,12 +347,30 @@ def _parse_mailbox_or_raise(name: str, address: Address) -> Address:
     return parse_address(name, str(address))
 
 
+def _stdlib_message(text: str, html: str | None, attachments: list[Attachment],
+                    render: Any) -> EmailMessage:
+    """The MIME headers and body by the standard library's ``email`` (to render)."""
+    msg = EmailMessage(policy=render)
+    if html is not None and not text:
+        msg.set_content(html, subtype="html", cte=_cte(html))
+    else:
+        msg.set_content(text, cte=_cte(text))
+        if html is not None:
+            msg.add_alternative(html, subtype="html", cte=_cte(html))
+    for attachment in attachments:
+        add_attachment(msg, attachment, render)
+    return msg
+
+
 def build_message(attrs: Mapping[str, Any],
-                  defaults: Mapping[str, Any] | None = None) -> MessageSpec:
+                  defaults: Mapping[str, Any] | None = None, *,
+                  fast: bool = True) -> MessageSpec:
     """Validate ``attrs`` (``defaults`` merged under them) and render the message.
 
     ``defaults`` may also hold ``message_id_domain`` (``[message]`` in the config).
-    Raises MessageError naming the first bad field; performs no writes.
+    Raises MessageError naming the first bad field; performs no writes. The common shapes
+    are written by ``fastbuild`` (the same bytes, boundaries aside) unless ``fast`` is
+    False; the rest by the standard library's ``email``.
     """
     merged: dict[str, Any] = dict(defaults or {})
     for key, value in attrs.items():
@@ -398,20 +418,13 @@ def build_message(attrs: Mapping[str, Any],
 
     # The MIME structure: 7-bit transfer encodings keep the spooled text ASCII and need no
     # 8BITMIME from the server. HTML without text gets a text part derived from it.
-    msg = EmailMessage(policy=render)
     text = body if body is not None else ""
     if html is not None and not text.strip():
         text = html_to_text(html)
-    if html is not None and not text:
-        msg.set_content(html, subtype="html", cte=_cte(html))
-    else:
-        msg.set_content(text, cte=_cte(text))
-        if html is not None:
-            msg.add_alternative(html, subtype="html", cte=_cte(html))
-    for attachment in attachments:
-        add_attachment(msg, attachment, render)
+    fast_bytes = fast_mime(text, html, attachments) if fast and not utf8 else None
+    msg = _stdlib_message(text, html, attachments, render) if fast_bytes is None else None
     try:
-        mime = msg.as_bytes(policy=render)
+        mime = msg.as_bytes(policy=render) if msg is not None else fast_bytes or b""
         head = "".join(lines).encode("utf-8" if utf8 else "ascii")
     except (ValueError, TypeError, UnicodeError) as exc:  # a bug, not the caller's fault
         raise MessageError("headers", f"cannot render message: {exc}") from None
