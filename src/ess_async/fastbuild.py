@@ -55,7 +55,7 @@ def _text_body(value: str) -> tuple[str, bytes]:
     library for it (``cte`` None for ASCII, quoted-printable otherwise)."""
     lines = value.encode("utf-8").splitlines()
     if value.isascii():
-        if max((len(x) for x in lines), default=0) <= LINE:
+        if max(map(len, lines), default=0) <= LINE:
             return "7bit", b"\r\n".join(lines) + b"\r\n"
         sniff = b"\r\n".join(lines[:10]) + b"\r\n"
         sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), LINE)
