@@ -581,6 +581,7 @@ def backlog(base: Path, sink: Sink, n: int, k: int, window: float) -> dict[str, 
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"backlog {n}: child exited with {status}")
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        print(f"  child: {out.strip().splitlines()[-1]}", file=sys.stderr)
         time.sleep(0.05)
         stats = sink.stats()
         ok = stats["count"] == stats["distinct"] == result["passed"] == result["delivered"]

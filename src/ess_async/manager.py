@@ -15,9 +15,10 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -51,6 +52,18 @@ JOURNAL_NAME = "journal.log"
 _RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
 _PRUNE_SECONDS = 600.0  # retention runs this often while serving
 _CHUNK = 1_000  # ids offered or timed per event-loop step (keeps each step short)
+# A scan of queued/ is kept as a compact backlog (sorted runs of ids packed in strings,
+# ~30 bytes an id) and offered _CHUNK at a time whenever the in-memory queue runs low,
+# instead of a queue item and a pending entry per message: a million queued messages
+# cost ~30 MB, and each refill a few milliseconds of the loop (issue 11 item 5).
+_RUN_IDS = 10_000  # ids per sorted run (one sort holds the GIL for a few ms at most)
+_ID_LEN = 30  # ID_PATTERN: 20 digits, "-", the priority letter, 8 hex digits
+_QUEUED_NAME = re.compile(ID_PATTERN.pattern.rstrip("$") + r"\.json")  # fullmatch
+# While senders run, a listing thread pauses this long every _LIST_BURST entries: a
+# thread that never sleeps takes the GIL back at each of the loop's system calls and
+# holds it up to the switch interval (5 ms) each time, which stretched loop steps to
+# hundreds of ms and cut throughput on a 1M backlog (issue 11 item 5).
+_LIST_BURST, _LIST_PAUSE = 1_000, 0.002
 
 
 def default_workspace() -> Path:
@@ -84,6 +97,12 @@ class _Run:
         self.parked: dict[str, dict[str, WorkItem]] = {}  # domain -> waiting, in order
         self.woken: dict[str, tuple[str, float]] = {}  # domain -> (id offered, when)
         self.park_wake = asyncio.Event()
+        # The latest listing of queued/ not offered yet: per priority rank, an iterator
+        # over its ids in order (merged sorted runs); see _scan_queued and _refill.
+        self.backlog: list[Iterator[str]] = []
+        self.backlog_size = 0  # ids left in it (an upper bound: some may be gone)
+        self.scanning = False
+        self.scan_again = False
 
 
 class Manager:
@@ -405,21 +424,94 @@ class Manager:
             for msg_id in ids[start:start + _CHUNK]:
                 self._offer(run, msg_id, "queued")
 
-    def _list_queued(self) -> list[str]:
+    def _list_queued(self, gentle: bool = False) -> tuple[list[list[str]], int]:
+        """The ids in ``queued/`` (run in a thread): per priority rank, sorted runs of at
+        most ``_RUN_IDS`` ids, each packed in one string; and how many ids in all. No list
+        of every name is built, and no sort holds the GIL (the event loop) for long;
+        ``gentle`` (senders are busy): pause now and then to leave the loop the GIL."""
         for stray in self.spool.strays("queued"):
             with contextlib.suppress(OSError):
                 self.spool.quarantine(stray, "not a message file name")
                 logger.warning("quarantined stray spool entry %s", stray.name)
-        # Unsorted: the priority queue orders them, and sorting 200k names in one C call
-        # would hold the GIL (and so the event loop) for tens of milliseconds.
-        with contextlib.suppress(FileNotFoundError):
-            return [name[:-5] for name in os.listdir(self.spool.dir("queued"))
-                    if name.endswith(".json") and ID_PATTERN.match(name[:-5])]
-        return []
+        runs: list[list[str]] = [[], [], []]
+        current: list[list[str]] = [[], [], []]
+        count = 0
+        match = _QUEUED_NAME.fullmatch
+        ranks = {"h": 0, "n": 1, "l": 2}
+        seen = 0
+        with contextlib.suppress(FileNotFoundError), \
+                os.scandir(self.spool.dir("queued")) as entries:
+            for entry in entries:
+                name = entry.name
+                seen += 1
+                if gentle and seen % _LIST_BURST == 0:
+                    time.sleep(_LIST_PAUSE)
+                if not match(name):
+                    continue
+                rank = ranks[name[21]]
+                ids = current[rank]
+                ids.append(name[:-5])
+                count += 1
+                if len(ids) >= _RUN_IDS:
+                    ids.sort()
+                    runs[rank].append("".join(ids))
+                    ids.clear()
+        for rank, ids in enumerate(current):
+            if ids:
+                ids.sort()
+                runs[rank].append("".join(ids))
+        return runs, count
+
+    @staticmethod
+    def _unpack(packed: str) -> Iterator[str]:
+        for start in range(0, len(packed), _ID_LEN):
+            yield packed[start:start + _ID_LEN]
 
     async def _scan_queued(self, run: _Run) -> None:
-        """Offer everything in ``queued/``; the folder is listed off the loop."""
-        await self._offer_all(run, await asyncio.to_thread(self._list_queued))
+        """List ``queued/`` off the loop and keep it as the backlog to offer from (it
+        replaces an older listing: what is still queued is in the new one too). A scan
+        asked for while one runs is done once that one ends (never two listings at
+        once, and none missed: a watcher's first scan must list after its watch)."""
+        if run.scanning:
+            run.scan_again = True
+            return
+        run.scanning = True
+        try:
+            while True:
+                run.scan_again = False
+                busy = bool(run.pending or run.dispatcher.claimed or run.backlog)
+                runs, count = await asyncio.to_thread(self._list_queued, busy)
+                run.backlog = [heapq.merge(*map(self._unpack, rank_runs))
+                               for rank_runs in runs]
+                run.backlog_size = count
+                # A chunk more than is queued: what this listing found of a higher
+                # priority than the queued items (missed by the watcher) goes first.
+                self._refill(run, run.queue.qsize() + _CHUNK)
+                if not run.scan_again:
+                    break
+        finally:
+            run.scanning = False
+
+    def _refill(self, run: _Run, target: int | None = None) -> None:
+        """Offer the next ids of the backlog, highest priority and oldest first, until
+        ``target`` (default ``_CHUNK``) items are in the queue (ids already offered or
+        claimed are skipped; one delivered since the listing is skipped by its claim,
+        which finds it gone)."""
+        backlog = run.backlog
+        target = _CHUNK if target is None else target
+        pulled = 0
+        while backlog and run.queue.qsize() < target and pulled < 4 * _CHUNK:
+            msg_id = next(backlog[0], None)
+            if msg_id is None:
+                del backlog[0]
+                continue
+            pulled += 1
+            run.backlog_size -= 1
+            self._offer(run, msg_id, "queued")
+        if not backlog:
+            run.backlog_size = 0
+        elif run.queue.empty():  # all skipped: go on in the next loop step
+            asyncio.get_running_loop().call_soon(self._refill, run)
 
     def _read_due(self, state: str, msg_id: str) -> float | None:
         """When a waiting message is due (None if it is gone; a bad one is quarantined)."""
@@ -548,11 +640,17 @@ class Manager:
                 try:
                     item = run.queue.get_nowait()
                 except asyncio.QueueEmpty:
+                    if run.backlog:
+                        self._refill(run)
+                        await asyncio.sleep(0)
+                        continue
                     if run.parked and await self._drain_wait(run):
                         continue
                     return
             else:
                 item = await run.queue.get()
+            if run.backlog and run.queue.qsize() < _CHUNK // 2:
+                self._refill(run)
             if run.pending.get(item.msg_id) != item.source:
                 continue  # stale: offered again from another folder since
             limiter = run.limiter
