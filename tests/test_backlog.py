@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -161,5 +162,36 @@ async def test_scan_asked_during_a_scan_lists_again(tmp_path: Path,
         assert run.queue.qsize() == 51
         assert run.backlog_size == 0
         assert run.queue.get_nowait().msg_id == late  # high priority first
+    finally:
+        await manager._close_run(run)
+
+
+async def test_watchers_first_scan_is_skipped_after_a_later_listing(
+        tmp_path: Path, small_chunks: None) -> None:
+    """serve lists queued/ itself once the watch is set up; the watcher's first scan
+    (``unless_since`` = when its watch was set up) then lists nothing again, but does
+    list if no listing began after its watch."""
+    ws = tmp_path / "ws"
+    fill(ws, "n" * 10)
+    manager = Manager(ws, spawn=1, config=make_config(1), transport_factory=Recording)
+    run = await manager._open_run()
+    try:
+        calls = 0
+        original = manager._list_queued
+
+        def counted(gentle: bool = False) -> tuple[list[list[str]], int]:
+            nonlocal calls
+            calls += 1
+            return original(gentle)
+
+        manager._list_queued = counted  # type: ignore[method-assign]
+        watch_set_up = time.monotonic()
+        await manager._scan_queued(run)
+        await manager._scan_queued(run, unless_since=watch_set_up)
+        assert calls == 1
+        late = fill(ws, "h")[0]
+        await manager._scan_queued(run, unless_since=time.monotonic())
+        assert calls == 2
+        assert run.pending.get(late) == "queued"
     finally:
         await manager._close_run(run)

@@ -103,6 +103,7 @@ class _Run:
         self.backlog_size = 0  # ids left in it (an upper bound: some may be gone)
         self.scanning = False
         self.scan_again = False
+        self.listed_since = -math.inf  # when the latest listing of queued/ began
 
 
 class Manager:
@@ -467,11 +468,14 @@ class Manager:
         for start in range(0, len(packed), _ID_LEN):
             yield packed[start:start + _ID_LEN]
 
-    async def _scan_queued(self, run: _Run) -> None:
+    async def _scan_queued(self, run: _Run, *, unless_since: float | None = None) -> None:
         """List ``queued/`` off the loop and keep it as the backlog to offer from (it
         replaces an older listing: what is still queued is in the new one too). A scan
         asked for while one runs is done once that one ends (never two listings at
-        once, and none missed: a watcher's first scan must list after its watch)."""
+        once, and none missed: a watcher's first scan must list after its watch).
+        ``unless_since``: nothing to do if a listing began at or after that time."""
+        if unless_since is not None and run.listed_since >= unless_since:
+            return
         if run.scanning:
             run.scan_again = True
             return
@@ -480,6 +484,7 @@ class Manager:
             while True:
                 run.scan_again = False
                 busy = bool(run.pending or run.dispatcher.claimed or run.backlog)
+                run.listed_since = time.monotonic()
                 runs, count = await asyncio.to_thread(self._list_queued, busy)
                 run.backlog = [heapq.merge(*map(self._unpack, rank_runs))
                                for rank_runs in runs]
@@ -512,6 +517,15 @@ class Manager:
             run.backlog_size = 0
         elif run.queue.empty():  # all skipped: go on in the next loop step
             asyncio.get_running_loop().call_soon(self._refill, run)
+
+    async def _watch_queued(self, run: _Run, stop: asyncio.Event) -> None:
+        # watchfiles sets its watch up in this same loop step (nothing is awaited before
+        # it): a listing begun after ``since`` misses nothing the watcher would not
+        # report, so the watcher's first scan is skipped when serve's own one started
+        # later (one listing of a huge queued/ at start-up, not two).
+        since = time.monotonic()
+        await watch_queued(self.spool.dir("queued"), lambda ids: self._offer_all(run, ids),
+                           stop, on_ready=lambda: self._scan_queued(run, unless_since=since))
 
     def _read_due(self, state: str, msg_id: str) -> float | None:
         """When a waiting message is due (None if it is gone; a bad one is quarantined)."""
@@ -876,9 +890,7 @@ class Manager:
                         installed.append(sig)
             watch_stop = asyncio.Event()
             run.live = True
-            helpers = [asyncio.create_task(watch_queued(
-                self.spool.dir("queued"), lambda ids: self._offer_all(run, ids), watch_stop,
-                on_ready=lambda: self._scan_queued(run))),
+            helpers = [asyncio.create_task(self._watch_queued(run, watch_stop)),
                 asyncio.create_task(watch_queued(
                     self.spool.dir("scheduled"),
                     lambda ids: self._load_waiting(run, "scheduled", ids), watch_stop,
