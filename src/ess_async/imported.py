@@ -24,11 +24,9 @@ no recipient, a bad Date or Message-ID raise MessageError naming the field.
 
 from __future__ import annotations
 
-import base64
 import io
 import re
 from collections.abc import Mapping
-from email import quoprimime
 from email._header_value_parser import get_address_list
 from email.generator import BytesGenerator
 from email.headerregistry import Address
@@ -51,8 +49,8 @@ from .message import (
     _tags,
     parse_address,
 )
-from .mime import LINE, address_header, unstructured_header
-from .parts import crlf
+from .mime import address_header, unstructured_header
+from .parts import crlf, seven_bit_leaf
 
 __all__ = ("ENVELOPE_FIELDS", "import_message")
 
@@ -172,22 +170,7 @@ def _seven_bit(data: bytes, utf8: bool) -> bytes:
             if cte in ("8bit", "binary"):
                 part.replace_header("Content-Transfer-Encoding", "7bit")
             continue
-        payload = part.get_payload()
-        if not isinstance(payload, str):
-            continue
-        if not payload.isascii() or any(len(line) > _MAX_LINE
-                                        for line in payload.splitlines()):
-            body = part.get_payload(decode=True)
-            assert isinstance(body, bytes)
-            del part["Content-Transfer-Encoding"]
-            if part.get_content_maintype() == "text":  # its lines stay lines
-                part.set_payload(quoprimime.body_encode(body.decode("latin-1"), LINE))
-                part["Content-Transfer-Encoding"] = "quoted-printable"
-            else:
-                part.set_payload(base64.encodebytes(body).decode("ascii"))
-                part["Content-Transfer-Encoding"] = "base64"
-        elif cte in ("8bit", "binary"):
-            part.replace_header("Content-Transfer-Encoding", "7bit")
+        seven_bit_leaf(part)
     try:
         return crlf(msg.as_bytes(policy=render))
     except Exception as exc:

@@ -8,13 +8,13 @@ import base64
 import re
 from dataclasses import dataclass
 from email import policy, quoprimime
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.policy import EmailPolicy
 
 from .mime import LINE
 
-__all__ = ("Attachment", "add_attachment", "attached_message", "crlf")
+__all__ = ("Attachment", "add_attachment", "attached_message", "crlf", "seven_bit_leaf")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,28 @@ def _clean(raw: bytes) -> bool:
     return True
 
 
+def seven_bit_leaf(part: Message) -> None:
+    """Make one leaf part 7-bit: a body with 8-bit octets or lines over 998 octets is
+    re-encoded (text in quoted-printable, so its lines stay lines; the rest in base64);
+    an 8bit or binary label on a body that is already 7-bit becomes 7bit."""
+    payload = part.get_payload()
+    if not isinstance(payload, str):
+        return
+    cte = str(part.get("content-transfer-encoding", "7bit")).strip().lower()
+    if not payload.isascii() or max(map(len, payload.splitlines()), default=0) > 998:
+        body = part.get_payload(decode=True)
+        assert isinstance(body, bytes)
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            part.set_payload(quoprimime.body_encode(body.decode("latin-1"), LINE))
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            part.set_payload(base64.encodebytes(body).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "base64"
+    elif cte in ("8bit", "binary"):
+        part.replace_header("Content-Transfer-Encoding", "7bit")
+
+
 def attached_message(data: bytes, render: EmailPolicy[EmailMessage]) -> EmailMessage | None:
     """``data`` (an .eml) as the message of a message/rfc822 part, which RFC 2046 allows
     only in 7bit, 8bit or binary: bodies with 8-bit octets or over-long lines are
@@ -59,23 +81,8 @@ def attached_message(data: bytes, render: EmailPolicy[EmailMessage]) -> EmailMes
         if not inner.keys() or inner.defects:
             return None
         for part in inner.walk():
-            payload = part.get_payload()
-            if part.is_multipart() or not isinstance(payload, str):
-                continue
-            cte = str(part.get("content-transfer-encoding", "7bit")).lower()
-            long_lines = max(map(len, payload.splitlines()), default=0) > 998
-            if not payload.isascii() or long_lines:
-                body = part.get_payload(decode=True)
-                assert isinstance(body, bytes)
-                del part["Content-Transfer-Encoding"]
-                if part.get_content_maintype() == "text":  # its lines stay lines
-                    part.set_payload(quoprimime.body_encode(body.decode("latin-1"), LINE))
-                    part["Content-Transfer-Encoding"] = "quoted-printable"
-                else:
-                    part.set_payload(base64.encodebytes(body).decode("ascii"))
-                    part["Content-Transfer-Encoding"] = "base64"
-            elif cte in ("8bit", "binary"):
-                part.replace_header("Content-Transfer-Encoding", "7bit")
+            if not part.is_multipart():
+                seven_bit_leaf(part)
         raw = inner.as_bytes(policy=render)
         if not _clean(raw):
             return None
