@@ -44,6 +44,7 @@ from .smtp import (
     _later_refusal,
     _Progress,
     _refused_error,
+    encode_addresses,
 )
 
 __all__ = ("PipeliningTransport",)
@@ -259,14 +260,7 @@ class PipeliningTransport(SMTPTransport):
                    smtputf8: bool = False) -> SendResult:
         self.outcome_pending = False
         self.partial = None
-        encoding = "utf-8" if smtputf8 else "ascii"
-        try:
-            sender = mail_from.encode(encoding)
-            encoded = {rcpt: rcpt.encode(encoding) for rcpt in recipients}
-        except UnicodeEncodeError:
-            raise PermanentDeliveryError(
-                "an address is not ASCII, but the message is not marked smtputf8",
-                phase="MAIL") from None
+        sender, encoded = encode_addresses(mail_from, recipients, smtputf8)
         for address in (sender, *encoded.values()):
             if _CONTROL.search(address):
                 # As aiosmtplib refuses them, but before anything is written.

@@ -110,6 +110,20 @@ class _Progress:
                           refused=refused)
 
 
+def encode_addresses(mail_from: str, recipients: list[str],
+                     smtputf8: bool) -> tuple[bytes, dict[str, bytes]]:
+    """The envelope as bytes, encoded before MAIL FROM so that a bad address never leaves
+    a transaction open: UTF-8 only for an SMTPUTF8 message, else ASCII."""
+    encoding = "utf-8" if smtputf8 else "ascii"
+    try:
+        return (mail_from.encode(encoding),
+                {rcpt: rcpt.encode(encoding) for rcpt in recipients})
+    except UnicodeEncodeError:
+        raise PermanentDeliveryError(
+            "an address is not ASCII, but the message is not marked smtputf8",
+            phase="MAIL") from None
+
+
 class SMTPTransport(Transport):
     """Deliver over SMTP. TLS certificates are verified unless a CA file says otherwise."""
 
@@ -196,15 +210,7 @@ class SMTPTransport(Transport):
                    smtputf8: bool = False) -> SendResult:
         self.outcome_pending = False
         self.partial = None
-        encoding = "utf-8" if smtputf8 else "ascii"
-        try:
-            # Encoded before MAIL FROM, so a bad address never leaves a transaction open.
-            sender = mail_from.encode(encoding)
-            encoded = {rcpt: rcpt.encode(encoding) for rcpt in recipients}
-        except UnicodeEncodeError:
-            raise PermanentDeliveryError(
-                "an address is not ASCII, but the message is not marked smtputf8",
-                phase="MAIL") from None
+        sender, encoded = encode_addresses(mail_from, recipients, smtputf8)
         smtp = await self._connection()
         phase = "MAIL"
         progress = _Progress(untried=deque(dict.fromkeys(recipients)))
