@@ -43,7 +43,6 @@ from .smtp import (
     SMTPTransport,
     _later_refusal,
     _Progress,
-    _refused_error,
     encode_addresses,
 )
 
@@ -325,22 +324,7 @@ class PipeliningTransport(SMTPTransport):
         except BaseException:
             self._abort()  # cancelled: outcome_pending and partial say where it stopped
             raise
-        # Nothing is awaited from here on: a 250 read is a 250 returned.
-        self._last_used = time.monotonic()
-        if failure is not None:
-            if failure.code == 421:
-                self._abort()
-            if progress.accepted is not None:
-                return self._finished(
-                    progress, _later_refusal(failure.code, failure.message, "DATA"))
-            raise self._error(failure.code, failure.message, "DATA")
-        if progress.accepted is None:
-            raise _refused_error(progress.refused)
-        self._sent_on_connection += 1
-        limit = self.config.max_messages_per_connection
-        if limit and self._sent_on_connection >= limit:
-            self._recycle = True
-        return self._finished(progress, None)
+        return self._completed(progress, failure)
 
     _phase = "MAIL"  # the step whose reply is awaited, for "connection lost during ..."
 

@@ -295,7 +295,12 @@ class SMTPTransport(Transport):
             # ``partial`` what earlier transactions delivered.
             self._abort()
             raise
-        # Nothing is awaited from here on: a 250 read is a 250 returned.
+        return self._completed(progress, failure)
+
+    def _completed(self, progress: _Progress, failure: SMTPResponse | None) -> SendResult:
+        """The end of a send whose transactions all got their final reply (``failure``:
+        the last one's, if it refused). Nothing is awaited from here on: a 250 read is a
+        250 returned."""
         self._last_used = time.monotonic()
         if failure is not None:
             if failure.code == 421:
