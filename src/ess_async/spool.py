@@ -42,6 +42,7 @@ __all__ = (
     "new_id",
     "new_record",
     "priority_rank",
+    "write_new",
 )
 
 STATES = ("queued", "scheduled", "active", "deferred", "held", "passed", "failed", "corrupt")
@@ -100,6 +101,23 @@ class CorruptRecord(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def write_new(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Create ``path`` (0600; never an existing file, never through a symlink) holding
+    ``data``, fsynced unless ``sync`` is False; on any failure it is removed again."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -226,18 +244,7 @@ class Spool:
 
     def _write_tmp(self, name: str, data: bytes, *, sync: bool = True) -> Path:
         tmp = Path(f"{self._dirs['tmp']}/{name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        write_new(tmp, data, sync=sync)
         return tmp
 
     def write_file(self, target: Path, data: bytes) -> Path:

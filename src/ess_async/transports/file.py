@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import TemporaryDeliveryError
+from ..spool import fsync_dir, write_new
 from .base import SendResult, Transport
 
 __all__ = ("FileTransport",)
@@ -29,27 +30,13 @@ class FileTransport(Transport):
         name = f"{time.time_ns():020d}-{secrets.token_hex(4)}.eml"
         target = self.path / name
         tmp = self.path / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        write_new(tmp, raw)
         try:
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self.path)
         return target
 
     async def send(self, mail_from: str, recipients: list[str], raw: bytes, *,
