@@ -19,7 +19,6 @@ removes it if it is still that message's key (the same file).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .lock import exclusive_flock
 from .spool import ID_PATTERN, Spool
 
 __all__ = ("KEY_FILE_LIMIT", "KeyStore")
@@ -56,13 +56,8 @@ class KeyStore:
     def locked(self) -> Iterator[None]:
         """Hold the enqueuers' flock on ``keys/.lock``."""
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.dir / ".lock",
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_flock(self.dir / ".lock"):
             yield
-        finally:
-            os.close(fd)  # releases the flock
 
     def read(self, key_hash: str) -> str | None:
         """The id in a key file, or None if there is none or it is not a well-formed key

@@ -6,15 +6,29 @@ The holder's pid is written into the file so that ``stop`` can signal it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import WorkspaceLockedError
 
-__all__ = ("WorkspaceLock", "lock_holder")
+__all__ = ("WorkspaceLock", "exclusive_flock", "lock_holder")
 
 LOCK_NAME = "ess.lock"
+
+
+@contextlib.contextmanager
+def exclusive_flock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created 0600, never through a symlink), waiting
+    for it; closing the descriptor at the end drops it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_pid(fd: int) -> int | None:

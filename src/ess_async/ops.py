@@ -20,7 +20,6 @@ only queue operations take (never the server, never enqueueing).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any
 
 from .config import load_config
 from .errors import EssError, MessageNotFound
+from .lock import exclusive_flock
 from .outcome import message_id
 from .spool import ID_PATTERN, STATES, CorruptRecord, Spool, fsync_dir
 
@@ -477,13 +477,8 @@ class QueueOps:
         if not self.workspace.is_dir():
             raise MessageNotFound(msg_id)
         self.spool.ensure()  # held/ and tmp/ exist in older workspaces too
-        fd = os.open(self.workspace / LOCK_NAME,
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_flock(self.workspace / LOCK_NAME):
             yield
-        finally:
-            os.close(fd)  # drops the flock
 
     def _transition(self, msg_id: str, op: str, allowed: tuple[str, ...],
                     update: Callable[[dict[str, Any], str], None], problem: str) -> Path:
