@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .client import Client
 from .config import Config, load_config
+from .delivery import WorkloadSummary
 from .errors import (
     ConfigError,
     DeliveryError,
@@ -22,7 +23,6 @@ from .errors import (
 from .manager import Manager
 from .ops import MessageBusy, MessageInfo, MessageStateError, QueueOps
 from .outcome import Outcome
-from .sender import WorkloadSummary
 from .transports import SendResult, Transport
 
 __all__ = (

@@ -23,12 +23,12 @@ from typing import Any
 from . import __version__
 from .client import Client
 from .config import parse_config, parse_listen
+from .delivery import WorkloadSummary
 from .errors import EssError, MessageError
 from .lock import lock_holder
 from .manager import Manager, default_workspace
 from .metrics import oldest_queued, read_last_error
 from .ops import PURGEABLE, MessageInfo, QueueOps, parse_duration
-from .sender import WorkloadSummary
 from .spool import STATES
 
 __all__ = ("cli", "main")

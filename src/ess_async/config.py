@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ __all__ = (
     "SendmailConfig",
     "ServerConfig",
     "SmtpConfig",
+    "StoreConfig",
     "SuppressionConfig",
     "TransportConfig",
     "check_plaintext_auth",
+    "check_store",
     "load_config",
     "parse_config",
     "relay_names",
@@ -171,8 +174,20 @@ class DomainLimits:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """[store]: where messages live. No url: the workspace's spool folders (one host);
+    a postgresql:// url: one database shared by a fleet of hosts (see store.postgres)."""
+    url: str = ""  # postgresql://user@host:port/dbname; ESS_STORE_URL / --store win
+    schema: str = "ess"  # the PostgreSQL schema holding the store's tables
+    password_env: str = ""  # variable holding the password (else PGPASSWORD / .pgpass)
+    lease: float = 30.0  # seconds a claim is held without a heartbeat
+    pool_size: int = 10  # connections per process at most
+
+
+@dataclass(frozen=True)
 class Config:
     message: dict[str, Any] = field(default_factory=dict)
+    store: StoreConfig = field(default_factory=StoreConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -191,7 +206,7 @@ _POSITIVE = {"spawn", "grace", "journal_compact_after", "timeout", "min_backoff"
              "max_backoff", "max_age", "max_message_size", "connect_timeout",
              "command_timeout", "data_timeout", "final_reply_timeout", "idle_timeout",
              "unhealthy_after", "failback_after",
-             "queue_size"}
+             "queue_size", "lease", "pool_size"}
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -348,6 +363,24 @@ def _check_dkim(dkim: DkimConfig) -> None:
             raise ConfigError("dkim.headers", f"{header} must not be signed")
 
 
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def check_store(store: StoreConfig, key: str = "store.url") -> None:
+    """A postgresql:// URL without a password (it never lives in a file), and a plain
+    schema name."""
+    url = store.url
+    if url:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(key, f"must be a postgresql:// URL, not {url.split(':')[0]!r}")
+        netloc = url.split("://", 1)[1].split("/", 1)[0]
+        if ":" in netloc.rpartition("@")[0] or "password=" in url:
+            raise ConfigError(key, "must not hold a password: set PGPASSWORD or name a "
+                              "variable in [store] password_env")
+    if not _SCHEMA_NAME.match(store.schema):
+        raise ConfigError("store.schema", f"must be a lowercase SQL name, not {store.schema!r}")
+
+
 def _check_limits(limits: dict[str, DomainLimits]) -> None:
     """Each [limits."DOMAIN"] names a domain (or "*") once, whatever its case."""
     seen: dict[str, str] = {}
@@ -385,6 +418,7 @@ def parse_config(data: dict[str, Any], source: object = None) -> Config:
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.problem, path=source) from None
     try:
+        check_store(config.store)
         _check_limits(config.limits)
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.problem, path=source) from None

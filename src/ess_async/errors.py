@@ -10,6 +10,8 @@ __all__ = (
     "MessageNotFound",
     "PermanentDeliveryError",
     "SpoolError",
+    "StoreError",
+    "StoreUnavailable",
     "TemporaryDeliveryError",
     "WorkspaceLockedError",
 )
@@ -60,6 +62,16 @@ class WorkspaceLockedError(EssError, RuntimeError):
 
 class SpoolError(EssError, OSError):
     """A spool operation failed (disk full, permissions, ...)."""
+
+
+class StoreError(EssError):
+    """The message store refused an operation (e.g. a database without the schema:
+    run ``ess-async db migrate``)."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """The message store cannot be reached (PostgreSQL down or unreachable); nothing was
+    written. Enqueueing raises it; deliverers retry with backoff."""
 
 
 class DeliveryError(EssError):

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from .config import CONFIG_TEMPLATE, Config, load_config, parse_listen, relay_names
+from .delivery import WorkItem, WorkloadSummary
 from .dkim import DkimSigner
 from .enqueue import Enqueuer, GroupCommit, prepare
 from .errors import ConfigError, EssError, MessageNotFound
@@ -37,7 +38,7 @@ from .ops import QueueOps
 from .outcome import Outcome, message_id
 from .pool import TransportPool
 from .retry import RetryPolicy
-from .sender import _INLINE_BYTES, Dispatcher, WorkItem, WorkloadSummary
+from .sender import _INLINE_BYTES, Dispatcher
 from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
 from .suppression import SuppressionList
 from .throttle import Throttle
