@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -195,3 +196,30 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# -- PostgreSQL (issue 12): one throwaway cluster per session, a fresh database per test --
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    from .pgserver import PgServer, pg_available
+
+    reason = pg_available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL tests never skip in CI: {reason}")
+        pytest.skip(reason)
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: object) -> str:
+    import uuid
+
+    from .pgserver import PgServer
+
+    assert isinstance(pg_server, PgServer)
+    return pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")

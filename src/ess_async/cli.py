@@ -22,11 +22,11 @@ from typing import Any
 
 from . import __version__
 from .client import Client
-from .config import parse_config, parse_listen
+from .config import load_config, parse_config, parse_listen
 from .delivery import WorkloadSummary
 from .errors import EssError, MessageError
 from .lock import lock_holder
-from .manager import Manager, default_workspace
+from .manager import Manager, default_workspace, store_url
 from .metrics import oldest_queued, read_last_error
 from .ops import PURGEABLE, MessageInfo, QueueOps, parse_duration
 from .spool import STATES
@@ -42,6 +42,9 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def _add_workspace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", "-w", type=Path, default=None,
                    help="spool folder (default: $ESS_DATA, else ./ess_data)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="postgresql://user@host:port/db: the PostgreSQL store "
+                        "(default: $ESS_STORE_URL, else [store] url, else the spool folder)")
 
 
 _LOOPS = ("auto", "asyncio", "uvloop")
@@ -96,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve Prometheus /metrics and /healthz there ([server] metrics)")
     p.add_argument("--spawn", type=int, default=None, help="concurrent senders")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="deliver through N worker processes, each with --spawn senders "
+                        "(default: this process delivers)")
     _add_loop(p)
 
     p = sub.add_parser("process", help="deliver what is due now, then exit")
@@ -137,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=20)
     p.add_argument("--spawn", type=int, default=3)
 
+    p = sub.add_parser("db", help="the PostgreSQL store's schema: db migrate")
+    p.add_argument("action", choices=("migrate",), help="create or upgrade the schema")
+    _add_workspace(p)
+
     sub.add_parser("version", help="print the version")
     # Parsed by ess_async.sendmail (sendmail's getopt-style options); listed for --help.
     sub.add_parser("sendmail", add_help=False,
@@ -174,17 +184,18 @@ def _cmd_email(args: argparse.Namespace) -> int:
                 attrs[field] = _read_text(path)
             except (OSError, UnicodeDecodeError) as exc:
                 raise MessageError(field, f"cannot read {str(path)!r}: {exc}") from None
-    print(Client(_workspace(args)).create_work(**attrs))
+    with Client(_workspace(args), store=args.store) as client:
+        print(client.create_work(**attrs))
     return 0
 
 
 def _cmd_testmail(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise EssError("-n must be at least 1")
-    client = Client(_workspace(args))
-    for i in range(args.n):
-        client.create_work(to=args.to, from_=args.from_, subject=f"ess_async test {i + 1}",
-                           body=f"Test message {i + 1} of {args.n}.\n", tags=["testmail"])
+    with Client(_workspace(args), store=args.store) as client:
+        for i in range(args.n):
+            client.create_work(to=args.to, from_=args.from_, subject=f"ess_async test {i + 1}",
+                               body=f"Test message {i + 1} of {args.n}.\n", tags=["testmail"])
     print(f"queued {args.n} test message(s)")
     return 0
 
@@ -257,7 +268,7 @@ def _print_summary(summary: WorkloadSummary) -> None:
 
 
 async def _process(args: argparse.Namespace) -> int:
-    manager = Manager(_workspace(args), spawn=args.spawn)
+    manager = Manager(_workspace(args), spawn=args.spawn, store=args.store)
     progress = _Progress(manager.spool.count("queued"))
     # SIGTERM/SIGINT (and so `stop`) end the pass gracefully: in-flight sends finish.
     loop = asyncio.get_running_loop()
@@ -276,7 +287,8 @@ async def _process(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    manager = Manager(_workspace(args), spawn=args.spawn)
+    manager = Manager(_workspace(args), spawn=args.spawn, store=args.store,
+                      processes=args.processes)
     if args.metrics is not None:
         parse_listen(args.metrics)  # a bad value: one line, exit 2
         manager.metrics_listen = args.metrics
@@ -449,6 +461,18 @@ def _cmd_suppress(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands run on the PostgreSQL store's API when a store URL is set (serve, process,
+# email and testmail take it through Manager and Client).
+_STORE_COMMANDS = {"status", "stop", "cleanup", "db", *_QUEUE_COMMANDS}
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    if not hasattr(args, "workspace"):
+        return ""
+    return store_url(getattr(args, "store", None),
+                     load_config(_workspace(args) / "config.toml"))
+
+
 def cli(*argv: str) -> int:
     """Run a command as the console script would; returns the exit status."""
     return main(list(argv))
@@ -483,6 +507,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "version":
             print(__version__)
             return 0
+        url = _store_url(args)
+        if url and args.command in _STORE_COMMANDS:
+            from .storecli import run_store_command
+
+            config = load_config(_workspace(args) / "config.toml")
+            return asyncio.run(run_store_command(args, url, config))
+        if args.command == "db":
+            raise EssError("db migrate: no PostgreSQL store is configured (--store URL, "
+                           "$ESS_STORE_URL or [store] url)")
         if args.command == "email":
             return _cmd_email(args)
         if args.command == "testmail":

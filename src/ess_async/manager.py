@@ -19,14 +19,22 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from .config import CONFIG_TEMPLATE, Config, load_config, parse_listen, relay_names
+from .config import (
+    CONFIG_TEMPLATE,
+    Config,
+    check_store,
+    load_config,
+    parse_listen,
+    relay_names,
+)
 from .delivery import WorkItem, WorkloadSummary
 from .dkim import DkimSigner
-from .enqueue import Enqueuer, GroupCommit, prepare
+from .enqueue import Enqueuer, GroupCommit, Prepared, prepare
 from .errors import ConfigError, EssError, MessageNotFound
 from .events import EventBus, Webhook, callback_sink, event_kind, make_event
 from .identity import check_ehlo_name
@@ -40,12 +48,14 @@ from .pool import TransportPool
 from .retry import RetryPolicy
 from .sender import _INLINE_BYTES, Dispatcher
 from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
+from .store.pgdeliver import PgDelivery, PgRun
+from .store.postgres import PostgresStore
 from .suppression import SuppressionList
 from .throttle import Throttle
 from .transports import Transport, create_transport
 from .watcher import watch_queued
 
-__all__ = ("Manager", "default_workspace")
+__all__ = ("Manager", "default_workspace", "store_url")
 
 logger = logging.getLogger("ess_async.manager")
 
@@ -65,6 +75,18 @@ _QUEUED_NAME = re.compile(ID_PATTERN.pattern.rstrip("$") + r"\.json")  # fullmat
 # holds it up to the switch interval (5 ms) each time, which stretched loop steps to
 # hundreds of ms and cut throughput on a 1M backlog (issue 11 item 5).
 _LIST_BURST, _LIST_PAUSE = 1_000, 0.002
+
+
+def store_url(explicit: str | None, config: Config) -> str:
+    """The store's URL: ``explicit``, else ``$ESS_STORE_URL``, else ``[store] url``
+    ("" = the file store)."""
+    url = explicit if explicit is not None else (
+        os.environ.get("ESS_STORE_URL") or config.store.url)
+    if url:
+        check_store(replace(config.store, url=url),
+                    "--store" if explicit is not None else "ESS_STORE_URL"
+                    if os.environ.get("ESS_STORE_URL") else "store.url")
+    return url
 
 
 def default_workspace() -> Path:
@@ -115,12 +137,28 @@ class Manager:
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
                  transport_factory: Callable[[], Transport] | None = None,
-                 on_event: Callable[[dict[str, Any]], Any] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], Any] | None = None,
+                 store: str | None = None, processes: int | None = None) -> None:
         self.workspace = Path(workspace).absolute() if workspace else default_workspace()
         self.config = config if config is not None else load_config(self.config_path)
+        # Issue 12: a postgresql:// URL (argument, else $ESS_STORE_URL, else [store] url)
+        # puts the messages in PostgreSQL; the workspace keeps config.toml.
+        self.store_url = store_url(store, self.config)
+        self._pg: PostgresStore | None = None
+        self._pg_run: PgRun | None = None
         if spawn is not None and (not isinstance(spawn, int) or spawn < 1):
             raise ValueError(f"spawn must be a positive integer, not {spawn!r}")
         self.spawn = spawn or self.config.server.spawn
+        # Issue 12 part 2: serve through N deliverer processes (ess_async.workers; 0 =
+        # this process delivers), each with ``spawn`` senders.
+        if processes is not None and (isinstance(processes, bool) or not isinstance(
+                processes, int) or processes < 0):
+            raise ValueError(f"processes must be a non-negative integer, not {processes!r}")
+        if processes and (transport_factory is not None or self.store_url):
+            raise ValueError("processes: worker processes deliver the file store with the "
+                             "configured transport (no store URL, no transport_factory)")
+        self.processes = processes or 0
+        self._pool: workers.WorkerPool | None = None
         self.clock = clock
         self.rand = rand
         self.spool = Spool(self.workspace, max_size=self.config.server.max_message_size)
@@ -206,8 +244,9 @@ class Manager:
     async def create_work(self, *, priority: str = "normal", send_at: object = None,
                           idempotency_key: str | None = None, expires_at: object = None,
                           expires_in: object = None, force: bool = False,
-                          transport: str | None = None, **attrs: Any) -> Path:
-        """Validate and spool one message; the file is durable when this returns.
+                          transport: str | None = None, **attrs: Any) -> Path | str:
+        """Validate and spool one message; the file is durable when this returns (in the
+        PostgreSQL store: the row is committed, and its id is returned instead).
 
         ``attrs`` are the message (to, cc, bcc, from_, reply_to, subject, body, html,
         headers, attachments, tags); ``priority`` is high, normal or low; ``send_at`` a
@@ -232,6 +271,8 @@ class Manager:
                            expires_at=expires_at, expires_in=expires_in,
                            suppressed=self.suppression.check, force=force,
                            transport=transport, relays=relay_names(self.config.transport))
+        if self.store_url:
+            return await self._create_in_store(prepared)
         self._ensure()
         path: Path = await self._commit(prepared)
         if path.stem != prepared.record["id"]:
@@ -251,6 +292,26 @@ class Manager:
                 self._schedule(run, path.stem, prepared.record["next_attempt_at"], "scheduled")
         return path
 
+    async def _create_in_store(self, prepared: Prepared) -> str:
+        msg_id = str(await self.pg_store.enqueue(prepared))
+        record = prepared.record
+        if msg_id == record["id"]:
+            if record.get("suppressed"):
+                self._emit("suppressed", record, recipients=record["suppressed"])
+            if prepared.state in ("queued", "scheduled"):
+                self._emit("queued", record)
+        return msg_id
+
+    @functools.cached_property
+    def pg_store(self) -> PostgresStore:
+        """The PostgreSQL store (only with a store URL; see ``store_url``)."""
+        if not self.store_url:
+            raise EssError("this manager uses the file store (no store URL)")
+        store = self.config.store
+        password = os.environ.get(store.password_env) if store.password_env else None
+        return PostgresStore(self.store_url, schema=store.schema, password=password,
+                             pool_size=store.pool_size, clock=self.clock)
+
     def create_config(self) -> Path:
         """Write a commented ``config.toml`` unless one exists; return its path."""
         self._ensure()
@@ -268,14 +329,26 @@ class Manager:
                         max_size=self.config.server.max_message_size)
 
     def status(self) -> dict[str, int]:
-        """How many messages are in each state (a folder count; cheap)."""
+        """How many messages are in each state (a folder count; cheap). The PostgreSQL
+        store is counted with ``await manager.counts()``."""
+        if self.store_url:
+            raise EssError("the PostgreSQL store is counted with `await manager.counts()`")
         return self.spool.counts()
+
+    async def counts(self) -> dict[str, int]:
+        """How many messages are in each state, in either store."""
+        if self.store_url:
+            return await self.pg_store.counts()
+        return await asyncio.to_thread(self.spool.counts)
 
     async def wait(self, message: str | os.PathLike[str], *,
                    timeout: float | None = None) -> Outcome:
         """Wait until the message (an id or a path from ``create_work``) is passed, failed
         or quarantined, and return how it ended. It may be delivered by this manager or by
         another process. Raises TimeoutError, or MessageNotFound for an unknown id."""
+        if self.store_url:
+            await self.pg_store.listen()
+            return await self.pg_store.wait(message, timeout=timeout)
         msg_id = message_id(str(message))
         event = asyncio.Event()  # one per caller: two waits on one id are both woken
         self._waiters.setdefault(msg_id, set()).add(event)
@@ -337,7 +410,9 @@ class Manager:
         log: TextIO | None = None
         try:
             journal_path = self.workspace / JOURNAL_NAME
-            entries = replay(journal_path)
+            # With the journals of worker processes (journal/*.log), once they are gone.
+            entries = workers.merge_entries(replay(journal_path),
+                                            workers.worker_entries(self.workspace))
             journal = Journal(journal_path, live=entries)
             smtp = self.config.transport.smtp
             throttle = Throttle(smtp.max_connections or self.spawn,
@@ -358,6 +433,7 @@ class Manager:
             if any(settled.values()):
                 logger.info("recovered claims from an earlier run: %s", settled)
             journal.compact_now()  # only the unsettled acceptances are kept
+            workers.remove_worker_journals(self.workspace)  # in journal.log now
             self.spool.clean_tmp()
             self.prune()
             if self.config.transport.type == "smtp" and self._custom_transport is None:
@@ -381,10 +457,14 @@ class Manager:
             # Whatever is still claimed (a send cut off at the deadline) goes back to
             # queued/, or to passed/ if this run or the journal says the server accepted
             # it (this run's memory wins: it knows acceptances the disk may have refused).
-            run.dispatcher.recover({**replay(journal.path), **journal.live,
+            # Worker processes, if any, are gone: their journals count too.
+            left = await asyncio.to_thread(workers.worker_entries, self.workspace)
+            journal.live.update({k: v for k, v in left.items() if k not in journal.live})
+            run.dispatcher.recover({**left, **replay(journal.path), **journal.live,
                                     **run.dispatcher.unsettled})
             try:
                 journal.compact_now()
+                await asyncio.to_thread(workers.remove_worker_journals, self.workspace)
             except OSError as exc:
                 logger.critical("cannot rewrite the journal (%s): %d accepted message(s) "
                                 "are recorded only in memory and may be sent again",
@@ -403,7 +483,15 @@ class Manager:
         await self.flush_events(self.config.server.grace)
 
     async def cleanup(self) -> dict[str, int]:
-        """Requeue claimed-but-unfinished messages (refused while a deliverer runs)."""
+        """Requeue claimed-but-unfinished messages (refused while a deliverer runs). In
+        the PostgreSQL store: settle claims whose lease expired."""
+        if self.store_url:
+            await self.pg_store.open()
+            reaper = PgRun(self.pg_store, PgDelivery(self.pg_store, self.policy,
+                                                     clock=self.clock),
+                           TransportPool(self._transport_factory, idle_timeout=1.0), spawn=1,
+                           lease=self.config.store.lease, grace=0, clock=self.clock)
+            return await reaper.reap()
         run = await self._open_run()
         try:
             return dict(self.last_recovery)
@@ -855,6 +943,8 @@ class Manager:
         self, *, progress: Callable[[WorkloadSummary], None] | None = None,
     ) -> WorkloadSummary:
         """Deliver every message that is due now, then return what happened."""
+        if self.store_url:
+            return await self._deliver_from_store(drain=True, handle_signals=False)
         run = await self._open_run()
         try:
             await self._load_waiting(run, "deferred")
@@ -878,7 +968,48 @@ class Manager:
 
     async def delegate_workload(self, *, handle_signals: bool = True) -> WorkloadSummary:
         """Deliver until ``stop()``, SIGTERM or SIGINT; then stop gracefully."""
+        if self.store_url:
+            return await self._deliver_from_store(drain=False, handle_signals=handle_signals)
         return await self._serve(await self._open_run(), handle_signals=handle_signals)
+
+    async def _deliver_from_store(self, *, drain: bool, handle_signals: bool
+                                  ) -> WorkloadSummary:
+        """A deliverer of the PostgreSQL store (any number run on any hosts; no
+        workspace lock: leases keep them apart)."""
+        if self._pg_run is not None:
+            raise EssError("this manager is already delivering")
+        store = self.pg_store
+        await store.migrate()
+        await store.open()
+        smtp = self.config.transport.smtp
+        throttle = Throttle(smtp.max_connections or self.spawn,
+                            max_per_second=smtp.max_per_second)
+        delivery = PgDelivery(store, self.policy, clock=self.clock, rand=self.rand,
+                              throttle=throttle)
+        delivery.on_event = self._on_outcome
+        delivery.signer = DkimSigner.from_config(self.config.dkim, self.workspace)
+        pool = TransportPool(self._transport_factory, idle_timeout=smtp.idle_timeout)
+        run = self._pg_run = PgRun(store, delivery, pool, spawn=self.spawn,
+                                   lease=self.config.store.lease,
+                                   grace=self.config.server.grace, clock=self.clock)
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        try:
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                        loop.add_signal_handler(sig, run.stop_event.set)
+                        installed.append(sig)
+            logger.info("delivering from %r with %d senders", store, self.spawn)
+            return await run.run(drain=drain)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            if delivery.signer is not None:
+                delivery.signer.close()
+            delivery.stats.close()
+            self._pg_run = None
+            await self.flush_events(self.config.server.grace)
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
         loop = asyncio.get_running_loop()
@@ -901,16 +1032,23 @@ class Manager:
                 asyncio.create_task(self._settler(run)),
                 asyncio.create_task(self._reaper(run)),
                 asyncio.create_task(self._unparker(run))]
-            self.workers = [asyncio.create_task(self._sender(run, drain=False))
-                            for _ in range(self.spawn)]
+            if self.processes:  # senders in worker processes, fed from here
+                self._pool = workers.WorkerPool(self, run)
+                await self._pool.start()
+            else:
+                self.workers = [asyncio.create_task(self._sender(run, drain=False))
+                                for _ in range(self.spawn)]
             await self._load_waiting(run, "deferred")
             await self._load_waiting(run, "scheduled")
             await self._scan_queued(run)
-            logger.info("delivering %s with %d senders", self.workspace, self.spawn)
+            logger.info("delivering %s with %d senders%s", self.workspace, self.spawn,
+                        f" in each of {self.processes} processes" if self.processes else "")
             await self._start_metrics()
             await run.stop_event.wait()
             run.live = False
             watch_stop.set()
+            if self._pool is not None:
+                await self._pool.stop()  # SIGTERM: each finishes within grace
             await self._shutdown(run, helpers)
             return run.dispatcher.summary
         finally:
@@ -920,7 +1058,15 @@ class Manager:
             for task in self.workers:
                 task.cancel()
             await asyncio.gather(*self.workers, return_exceptions=True)
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                await pool.close()  # every worker gone and settled before the lock goes
             await self._close_run(run)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes delivering now (``processes``; else [])."""
+        return self._pool.pids if self._pool is not None else []
 
     async def _shutdown(self, run: _Run, helpers: list[asyncio.Task[Any]]) -> None:
         for task in helpers:
@@ -941,6 +1087,8 @@ class Manager:
 
     async def stop(self) -> None:
         """Stop delivering gracefully: in-flight sends finish, the rest stays queued."""
+        if self._pg_run is not None:
+            self._pg_run.stop_event.set()
         run = self._run
         if run is not None:
             run.stop_event.set()
@@ -954,6 +1102,10 @@ class Manager:
     # -- embedding -------------------------------------------------------------------
 
     async def __aenter__(self) -> Manager:
+        if self.store_url:
+            self._serve_task = asyncio.create_task(
+                self._deliver_from_store(drain=False, handle_signals=False))
+            return self
         run = await self._open_run()
         self._serve_task = asyncio.create_task(self._serve(run, handle_signals=False))
         return self
@@ -975,3 +1127,7 @@ class Manager:
         server, self.metrics = self.metrics, None
         if server is not None:
             await server.stop()
+
+
+# Last: ess_async.workers builds on this module (its worker is a Manager).
+from . import workers  # noqa: E402

@@ -162,7 +162,7 @@ class _OutboxManager(Manager):
     outbox: Outbox
 
     async def create_work(self, *, priority: str = "normal", send_at: object = None,
-                          idempotency_key: str | None = None, **attrs: Any) -> Path:
+                          idempotency_key: str | None = None, **attrs: Any) -> Path | str:
         path = await super().create_work(priority=priority, send_at=send_at,
                                          idempotency_key=idempotency_key, **attrs)
         if self.outbox.deliver_at_once and self._run is None:
