@@ -170,8 +170,8 @@ async def test_an_expired_accepted_claim_finishes_as_passed_never_resent(manager
     entry = {"op": "accepted", "id": msg_id, "at": store.clock(), "code": 250,
              "reply": "OK", "refused": {}, "attempt": 1}
     import orjson
-    assert await store.fetch("accepted", msg_id, row["lease_token"],
-                             orjson.dumps(entry).decode())
+    assert await store.fetch("accepted", [msg_id], [row["lease_token"]],
+                             [orjson.dumps(entry).decode()])
     await _expire(store, msg_id)
     assert await manager.cleanup() == {"requeued": 0, "passed": 1}
     outcome = await manager.wait(msg_id, timeout=5)

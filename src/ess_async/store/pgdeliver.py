@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -46,7 +47,46 @@ def _settle_row(record: dict[str, Any], token: uuid.UUID, raw: str | None, now: 
             orjson.dumps(body).decode(), raw)
 
 
-async def settle_rows(conn: Any, store: PostgresStore, rows: list[tuple[Any, ...]]
+class GroupWrite:
+    """Rows written by concurrent callers in one transaction: ``write(row)`` returns
+    whether the row was written (False: its claim's lease was lost), once committed."""
+
+    def __init__(self, store: PostgresStore,
+                 statement: Callable[[Any, list[tuple[Any, ...]]], Awaitable[set[str]]]
+                 ) -> None:
+        self.store = store
+        self.statement = statement
+        self._staged: list[tuple[tuple[Any, ...], asyncio.Future[bool]]] = []
+        self._committer: asyncio.Future[None] | None = None
+
+    async def write(self, row: tuple[Any, ...]) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._staged.append((row, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit())
+        return await asyncio.shield(future)
+
+    async def _commit(self) -> None:
+        while self._staged:
+            batch, self._staged = self._staged, []
+            try:
+                async with self.store.transaction() as conn:
+                    written = await self.statement(conn, [row for row, _ in batch])
+            except Exception as exc:
+                error = exc if isinstance(exc, OSError) else StoreUnavailable(
+                    f"cannot write to the PostgreSQL store: {exc}")
+                for _, future in batch:
+                    future.set_exception(error)
+            else:
+                for row, future in batch:
+                    future.set_result(row[0] in written)
+
+    async def drain(self) -> None:
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
+
+
+async def settle_rows(conn: Any, rows: list[tuple[Any, ...]], *, store: PostgresStore
                       ) -> set[str]:
     """Write a batch of next states (in the caller's transaction); returns the ids
     written (the others had lost their lease) and announces the final ones."""
@@ -76,8 +116,13 @@ class PgDelivery(Delivery):
         self.raws: dict[str, str] = {}  # the text as claimed: rewritten only if changed
         self.records: dict[str, dict[str, Any]] = {}  # accepted, awaiting their record
         self.lost = 0  # writes refused because the lease had been lost
-        self._staged: list[tuple[tuple[Any, ...], asyncio.Future[bool]]] = []
-        self._committer: asyncio.Future[None] | None = None
+        # Concurrent senders' writes share transactions (group commits).
+        self._accepts = GroupWrite(store, self._write_accepts)
+        self._settles = GroupWrite(store, functools.partial(settle_rows, store=store))
+
+    async def _write_accepts(self, conn: Any, rows: list[tuple[Any, ...]]) -> set[str]:
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        return {r["id"] for r in await conn.fetch(self.store.sql["accepted"], *columns)}
 
     async def deliver(self, row: Any, transport: Transport) -> str:
         """Deliver one claimed row (id, lease_token, record, raw)."""
@@ -112,9 +157,7 @@ class PgDelivery(Delivery):
         token = self.tokens.get(msg_id)
         if token is None:
             return
-        rows = await self.store.fetch("accepted", msg_id, token,
-                                      orjson.dumps(entry).decode())
-        if not rows:
+        if not await self._accepts.write((msg_id, token, orjson.dumps(entry).decode())):
             self.lost += 1
             logger.error("message %s was accepted by the server after its lease was lost "
                          "(this deliverer stalled): another deliverer may send it again",
@@ -135,30 +178,11 @@ class PgDelivery(Delivery):
             return
         raw = record.get("raw")
         changed = raw if raw is not None and raw is not self.raws.get(msg_id) else None
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._staged.append((_settle_row({**record, "state": state}, token, changed,
-                                         self.clock()), future))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.ensure_future(self._commit_staged())
-        if not await asyncio.shield(future):
+        row = _settle_row({**record, "state": state}, token, changed, self.clock())
+        if not await self._settles.write(row):
             self.lost += 1
             logger.error("message %s: its lease was lost (this deliverer stalled past it); "
                          "its %s state was not written over the newer attempt", msg_id, state)
-
-    async def _commit_staged(self) -> None:
-        while self._staged:
-            batch, self._staged = self._staged, []
-            try:
-                async with self.store.transaction() as conn:
-                    written = await settle_rows(conn, self.store, [row for row, _ in batch])
-            except Exception as exc:
-                error = exc if isinstance(exc, OSError) else StoreUnavailable(
-                    f"cannot write to the PostgreSQL store: {exc}")
-                for _, future in batch:
-                    future.set_exception(error)
-            else:
-                for row, future in batch:
-                    future.set_result(row[0] in written)
 
     async def retry_unsettled(self) -> None:
         """Record messages the server accepted while the database refused their records
@@ -182,8 +206,8 @@ class PgDelivery(Delivery):
 
     async def drain(self) -> None:
         await super().drain()
-        if self._committer is not None:
-            await asyncio.gather(self._committer, return_exceptions=True)
+        await self._accepts.drain()
+        await self._settles.drain()
 
 
 class PgRun:
@@ -319,7 +343,7 @@ class PgRun:
                     settles.append(_settle_row(settled, row["lease_token"], None, self.clock()))
                     counts["passed"] += 1
                 if settles:
-                    await settle_rows(conn, self.store, settles)
+                    await settle_rows(conn, settles, store=self.store)
             if len(rows) < 100:
                 break
         if any(counts.values()):

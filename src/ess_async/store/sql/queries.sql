@@ -53,10 +53,15 @@ WHERE state = 'active' AND lease_token = ANY($2::uuid[])
 RETURNING lease_token;
 
 -- name: accepted
--- The server accepted the message: recorded before anything else, fenced by the claim.
-UPDATE {schema}.messages SET accepted = $3::jsonb
-WHERE id = $1 AND state = 'active' AND lease_token = $2
-RETURNING id;
+-- The server accepted these messages: recorded before anything else, each fenced by its
+-- claim (a batch: the acceptances of concurrent senders share one commit).
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[]) AS t(id, token, entry)
+)
+UPDATE {schema}.messages m SET accepted = input.entry::jsonb
+FROM input
+WHERE m.id = input.id AND m.state = 'active' AND m.lease_token = input.token
+RETURNING m.id;
 
 -- name: settle
 -- A batch of claimed messages to their next states, each fenced by its claim's token;
