@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from ess_async.config import Config, parse_config
+
+from .pgserver import PgServer, pg_available
 
 
 @dataclass
@@ -202,9 +205,10 @@ class FakeClock:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[object]:
-    from .pgserver import PgServer, pg_available
-
+def pg_server() -> Iterator[PgServer]:
+    """A private PostgreSQL server on 127.0.0.1 for the whole session. Skipped where
+    there is none to start, but a failure in CI (``CI=true``): a database test never
+    skips there."""
     reason = pg_available()
     if reason:
         if os.environ.get("CI") == "true":
@@ -216,10 +220,13 @@ def pg_server() -> Iterator[object]:
 
 
 @pytest.fixture
-def pg_url(pg_server: object) -> str:
-    import uuid
-
-    from .pgserver import PgServer
-
-    assert isinstance(pg_server, PgServer)
+def pg_url(pg_server: PgServer) -> str:
+    """The URL of a new, empty database of its own for this test."""
     return pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the server is marked ``postgres`` (``-m "not postgres"``)."""
+    for item in items:
+        if "pg_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
