@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib
 import json
 import logging
@@ -28,7 +27,7 @@ from .errors import EssError, MessageError
 from .lock import lock_holder
 from .manager import Manager, default_workspace, store_url
 from .metrics import oldest_queued, read_last_error
-from .ops import PURGEABLE, MessageInfo, QueueOps, parse_duration
+from .ops import PURGEABLE, MessageInfo
 from .spool import STATES
 
 __all__ = ("cli", "main")
@@ -385,32 +384,10 @@ def _print_infos(infos: list[MessageInfo], now: float) -> None:
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
-    ops = QueueOps(_workspace(args))
-    if args.command == "list":
-        now = ops.clock()
-        infos = ops.list(args.states, args.limit)
-        if args.json:
-            print(json.dumps([dataclasses.asdict(i) for i in infos], ensure_ascii=False))
-        else:
-            _print_infos(infos, now)
-    elif args.command == "show":
-        print(json.dumps(ops.show(args.id, raw=args.raw), indent=2, ensure_ascii=False))
-    elif args.command == "retry" and args.all:
-        print(f"retried {ops.retry_all()} message(s)")
-    elif args.command == "retry":
-        print(f"{ops.retry(args.id).stem} queued")
-    elif args.command == "hold":
-        print(f"{ops.hold(args.id).stem} held")
-    elif args.command == "release":
-        path = ops.release(args.id)
-        print(f"{path.stem} {path.parent.name}")
-    elif args.command == "delete":
-        print(f"{args.id} deleted (was {ops.delete(args.id)})")
-    elif args.command == "purge":
-        count = ops.purge(args.state, parse_duration(args.older_than))
-        print(f"purged {count} {args.state} message(s)")
-    return 0
+    from .store.file import FileStore
+    from .storecli import run_queue_command
 
+    return asyncio.run(run_queue_command(FileStore(_workspace(args)), args))
 
 def _add_suppress_command(sub: Any) -> None:
     p = sub.add_parser("suppress", help="the suppression list: list, add, remove, check")

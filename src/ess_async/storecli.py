@@ -1,6 +1,7 @@
-"""The CLI's commands against the PostgreSQL store (``--store URL``, ``$ESS_STORE_URL``
-or ``[store] url``): the same commands and output as the file store's, run on the
-store's async API; plus ``db migrate``."""
+"""The CLI's queue commands (list, show, retry, hold, release, delete, purge) run on the
+``Store`` API, for either store; and the PostgreSQL store's own commands (``status``,
+``cleanup``, ``db migrate``) when a store URL is set (``--store URL``, ``$ESS_STORE_URL``
+or ``[store] url``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import time
 from .config import Config
 from .errors import EssError
 from .ops import parse_duration
+from .outcome import message_id
+from .store import Store
 from .store.postgres import PostgresStore, masked_url
 
-__all__ = ("run_store_command", "store_for")
+__all__ = ("run_queue_command", "run_store_command", "store_for")
 
 # Commands that need no store at all, or that only the file store has.
 FILE_ONLY = {"stop": "stop a PostgreSQL deliverer with SIGTERM (it stops gracefully)"}
@@ -29,7 +32,6 @@ def store_for(url: str, config: Config) -> PostgresStore:
 
 async def run_store_command(args: argparse.Namespace, url: str, config: Config) -> int:
     """Run ``args.command`` against the PostgreSQL store at ``url``; the exit status."""
-    from . import cli  # the file store's printing helpers, shared
 
     if args.command in FILE_ONLY:
         raise EssError(f"{args.command}: not for the PostgreSQL store: "
@@ -54,45 +56,47 @@ async def run_store_command(args: argparse.Namespace, url: str, config: Config) 
                     print(f"{state:>9}  {n}")
                 print(f"    store  {masked_url(url)}")
             return 0
-        if args.command == "list":
-            infos = await store.list(args.states, args.limit)
-            if args.json:
-                import dataclasses
-
-                print(json.dumps([dataclasses.asdict(i) for i in infos], ensure_ascii=False))
-            else:
-                cli._print_infos(infos, time.time())
-            return 0
-        return await _change(store, args)
+        return await run_queue_command(store, args)
     finally:
         await store.close()
 
 
-async def _change(store: PostgresStore, args: argparse.Namespace) -> int:
+async def run_queue_command(store: Store, args: argparse.Namespace) -> int:
+    """A queue command on ``store`` (the file store's or PostgreSQL's): same output."""
+    from . import cli  # the listing's layout, shared
+
     command = args.command
-    if command == "show":
+    if command == "list":
+        infos = await store.list(args.states, args.limit)
+        if args.json:
+            import dataclasses
+
+            print(json.dumps([dataclasses.asdict(i) for i in infos], ensure_ascii=False))
+        else:
+            cli._print_infos(infos, time.time())
+    elif command == "show":
         print(json.dumps(await store.show(args.id, raw=args.raw), indent=2,
                          ensure_ascii=False))
     elif command == "retry" and args.all:
         print(f"retried {await store.retry_all()} message(s)")
     elif command == "retry":
-        print(f"{await store.retry(args.id)} queued")
+        print(f"{message_id(await store.retry(args.id))} queued")
     elif command == "hold":
-        print(f"{await store.hold(args.id)} held")
+        print(f"{message_id(await store.hold(args.id))} held")
     elif command == "release":
         ref = await store.release(args.id)
-        state, _ = await store.find(str(ref))
-        print(f"{ref} {state}")
+        state, _ = await store.find(ref)
+        print(f"{message_id(ref)} {state}")
     elif command == "delete":
         print(f"{args.id} deleted (was {await store.delete(args.id)})")
     elif command == "purge":
         count = await store.purge(args.state, parse_duration(args.older_than))
         print(f"purged {count} {args.state} message(s)")
-    elif command == "cleanup":
+    elif command == "cleanup" and isinstance(store, PostgresStore):
         from .manager import Manager
 
         print(json.dumps(await Manager(args.workspace, store=store.url).cleanup()))
     else:
-        raise EssError(f"{command}: not supported with the PostgreSQL store")
+        raise EssError(f"{command}: not supported with the {store.kind} store")
     return 0
 
