@@ -194,3 +194,18 @@ async def test_serve_in_the_app_and_stop_gives_claims_back(manager, smtp_server)
         assert (await manager.wait(msg_id, timeout=10)).passed
     counts = await manager.counts()
     assert counts["active"] == 0 and counts["passed"] == 1
+
+
+async def test_manager_store_is_either_kind(tmp_path, manager, smtp_server):
+    from ess_async import FileStore, PostgresStore
+
+    assert isinstance(manager.store, PostgresStore)
+    file_manager = Manager(tmp_path / "files", config=make_config(smtp_server.port))
+    assert isinstance(file_manager.store, FileStore)
+    for m in (manager, file_manager):
+        ref = await m.create_work(to="a@example.com", subject="either", body="x")
+        await m.store.hold(ref)
+        state, record = await m.store.find(ref)
+        assert state == "held" and record is not None and record["subject"] == "either"
+        await m.store.release(ref)
+        assert (await m.counts())["queued"] == 1

@@ -1,7 +1,7 @@
 """ess_async: a durable asyncio email outbox.
 
-Messages are written to an on-disk spool before ``create_work`` returns, and delivered
-over SMTP by ``spawn`` concurrent senders in one asyncio process.
+Messages are written to an on-disk spool (or a PostgreSQL store shared by several hosts)
+before ``create_work`` returns, and delivered over SMTP by ``spawn`` concurrent senders.
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ from .errors import (
     MessageNotFound,
     PermanentDeliveryError,
     SpoolError,
+    StoreError,
+    StoreUnavailable,
     TemporaryDeliveryError,
     WorkspaceLockedError,
 )
 from .manager import Manager
 from .ops import MessageBusy, MessageInfo, MessageStateError, QueueOps
 from .outcome import Outcome
+from .store import Store
+from .store.file import FileStore
+from .store.postgres import PostgresStore
 from .transports import SendResult, Transport
 
 __all__ = (
@@ -31,6 +36,7 @@ __all__ = (
     "ConfigError",
     "DeliveryError",
     "EssError",
+    "FileStore",
     "Manager",
     "MessageBusy",
     "MessageError",
@@ -39,9 +45,13 @@ __all__ = (
     "MessageStateError",
     "Outcome",
     "PermanentDeliveryError",
+    "PostgresStore",
     "QueueOps",
     "SendResult",
     "SpoolError",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
     "TemporaryDeliveryError",
     "Transport",
     "WorkloadSummary",

@@ -48,6 +48,8 @@ from .pool import TransportPool
 from .retry import RetryPolicy
 from .sender import _INLINE_BYTES, Dispatcher
 from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
+from .store import Store
+from .store.file import FileStore
 from .store.pgdeliver import PgDelivery, PgRun
 from .store.postgres import PostgresStore
 from .suppression import SuppressionList
@@ -301,6 +303,16 @@ class Manager:
             if prepared.state in ("queued", "scheduled"):
                 self._emit("queued", record)
         return msg_id
+
+    @functools.cached_property
+    def store(self) -> Store:
+        """Where this manager's messages live: the workspace's ``FileStore``, or the
+        ``PostgresStore`` of its store URL. Its queue operations are async and work on
+        either (``await manager.store.hold(message)``)."""
+        if self.store_url:
+            return self.pg_store
+        return FileStore(self.workspace, clock=self.clock,
+                         max_size=self.config.server.max_message_size)
 
     @functools.cached_property
     def pg_store(self) -> PostgresStore:
