@@ -1,6 +1,6 @@
 """ess_async benchmarks: the SMTP ceiling and ess_async measured in one run, on loopback.
 
-    python benchmarks/run.py [--quick] [--json OUT] [--dir DIR]
+    python benchmarks/run.py [--quick] [--json OUT] [--dir DIR] [--processes-only]
 
 Starts its own sink process (benchmarks/sink.py, 127.0.0.1 only) and measures
 
@@ -14,7 +14,11 @@ Starts its own sink process (benchmarks/sink.py, 127.0.0.1 only) and measures
 4. latency while serving idle (``async with Manager``): create_work -> at the sink;
 5. scale: 1k / 10k / 100k queued (--quick: 1k / 5k), each drained in its own process:
    start-up, the scan, peak RSS of that process (wait4's ru_maxrss), msgs/s.
-6. ``--scale N`` alone (e.g. ``--scale 1000000``; off by default, it takes minutes): a
+6. worker processes: a backlog served by ``python -m ess_async serve`` in one process
+   and with ``--processes 1`` and ``2`` (issue 12 part 2), start to the last message at
+   the sink (interpreter start-ups included) and steady msgs/s (first to last message);
+   ``--processes-only`` runs these alone;
+7. ``--scale N`` alone (e.g. ``--scale 1000000``; off by default, it takes minutes): a
    backlog of N served (``async with Manager``, as ``serve`` does) for ``--window``
    seconds, then a forced rescan, beside a 1k backlog served the same way in the same
    run: time to first delivery, the largest gap of a 10 ms ticker during start-up and
@@ -39,6 +43,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -415,6 +420,68 @@ async def latency(base: Path, sink: Sink, n: int, *, warmup: int = 10,
             "create_work p50 ms": statistics.median(enqueue_ms), "create us": create_us}
 
 
+# -- 6. worker processes (issue 12 part 2) ---------------------------------------------
+
+
+def served(base: Path, sink: Sink, n: int, k: int, processes: int) -> dict[str, Any]:
+    """A prequeued backlog drained by a ``serve`` process (``processes`` > 0: through that
+    many worker processes), timed from its start to the last message at the sink."""
+    ws, create_us = new_workspace(base)
+    prequeue(ws, n)
+    smtp = f'host = "127.0.0.1"\nport = {sink.port}\n'
+    if pipelining_supported():
+        smtp += f'pipelining = "{PIPELINING}"\n'
+    (ws / "config.toml").write_text('[message]\nfrom = "bench@example.com"\n\n'
+                                    f"[transport.smtp]\n{smtp}")
+    extra = ["--processes", str(processes)] if processes else []
+    sink.reset()
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "ess_async", "--log-level", "WARNING",
+                             "serve", "--workspace", str(ws), "--spawn", str(k), *extra])
+    try:
+        stats = checked(sink, n, f"serve processes={processes} k={k}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    if code != 0:
+        raise SystemExit(f"serve --processes {processes}: exited with {code}")
+    shutil.rmtree(ws, ignore_errors=True)
+    return {"n": n, "spawn": k, "processes": processes, "msgs/s": n / (stats["at"] - start),
+            "start s": stats["first"] - start,
+            "steady msgs/s": (n - 1) / max(stats["at"] - stats["first"], 1e-9),
+            "create us": create_us}
+
+
+def processes_cases(base: Path, sink: Sink, n: int, repeats: int) -> list[dict[str, Any]]:
+    return [best([timed(f"serve, processes {p}", lambda p=p: served(base, sink, n, 16, p))
+                  for _ in range(repeats)], "steady msgs/s") for p in (0, 1, 2)]
+
+
+def processes_main(args: argparse.Namespace) -> int:
+    """``--processes-only``: the worker-process cases alone."""
+    args.dir.mkdir(parents=True, exist_ok=True)
+    n = 1000 if args.quick else 4000
+    base = Path(tempfile.mkdtemp(dir=args.dir))
+    sink = Sink()
+    try:
+        rows = processes_cases(base, sink, n, 1 if args.quick else 2)
+    finally:
+        sink.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"\nnproc {os.cpu_count()}, load {os.getloadavg()[0]:.2f}; N = {n}, spawn 16")
+    for row in rows:
+        print(f"  {processes_label(row)}")
+    args.json.write_text(json.dumps({"machine": machine(args.quick), "processes": rows},
+                                    indent=2))
+    return 0
+
+
+def processes_label(row: dict[str, Any]) -> str:
+    how = f"--processes {row['processes']}" if row["processes"] else "one process"
+    return (f"serve, {how}: {row['msgs/s']:,.0f} msgs/s from start (first delivery "
+            f"{row['start s']:.2f}s), steady {row['steady msgs/s']:,.0f} msgs/s")
+
+
 # -- 5. scale (each size drained in its own process, for its peak RSS) -----------------
 
 
@@ -482,7 +549,7 @@ def scale(base: Path, sink: Sink, n: int, k: int) -> dict[str, Any]:
     return result
 
 
-# -- 6. a huge backlog served (--scale N; issue 11 item 5) ------------------------------
+# -- 7. a huge backlog served (--scale N; issue 11 item 5) ------------------------------
 
 TARGET_BIG_START_S, TARGET_BIG_GAP_MS, TARGET_BIG_RSS_MB = 5.0, 50.0, 300.0
 
@@ -711,7 +778,11 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=30.0,
                         help="seconds to serve each --scale backlog (default 30)")
     parser.add_argument("--backlog-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--processes-only", action="store_true",
+                        help="only serve in one process against --processes 1 and 2")
     args = parser.parse_args()
+    if args.processes_only:
+        return processes_main(args)
     if args.backlog_child:
         result = asyncio.run(backlog_child(args.ws, args.port, args.ctl, args.backlog_child,
                                            args.spawn, args.window))
@@ -756,6 +827,7 @@ def main() -> int:
             latency(base, sink, 200 if args.quick else 1000)))
         results["scale"] = [timed(f"scale {s}", lambda s=s: scale(base, sink, s, 16))
                             for s in scales]
+        results["processes"] = processes_cases(base, sink, n, repeats)
     finally:
         sink.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -861,6 +933,9 @@ def report(r: dict[str, Any]) -> None:
               f"p50 {lat['p50 ms']:.1f} / p90 {lat['p90 ms']:.1f} / p99 {lat['p99 ms']:.1f} / "
               f"max {lat['max ms']:.1f} ms (create_work alone p50 "
               f"{lat['create_work p50 ms']:.1f} ms)", "", disk(lat))]
+    rows += [(processes_label(p).partition(": ")[0] + f" (spawn {p['spawn']})",
+              processes_label(p).partition(": ")[2], "", disk(p))
+             for p in r.get("processes", [])]
     rows += [(f"scale {s['n']:,} (spawn {s['spawn']})",
               f"start {s['start s']:.2f}s (scan {s['scan s']:.2f}s) / {s['msgs/s']:,.0f} "
               f"msgs/s / peak RSS {s['peak RSS MB']:.0f} MB", cpu(s), disk(s))

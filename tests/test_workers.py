@@ -1,0 +1,394 @@
+"""``serve --processes N`` (issue 12 part 2): a supervisor holding the workspace lock hands
+ids to N worker processes, each with its own journal; a killed worker is settled from
+its journal and replaced; a killed supervisor takes its workers along and the next start
+recovers every journal. Real processes, a real SMTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ess_async import Client, Manager
+from ess_async.errors import ConfigError
+from ess_async.lock import lock_holder
+from ess_async.workers import WorkerPool, merge_entries
+
+from .conftest import SMTPServer, make_config, write_config
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("ESS_TEST_CRASH_AT", "ESS_TEST_WORKER_CRASH_AT", "ESS_DATA",
+                 "ESS_LOG_LEVEL", "ESS_STORE_URL"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def run(ws: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ess_async", "--log-level", "WARNING",
+                           command, "--workspace", str(ws), *args], capture_output=True,
+                          text=True, timeout=60, env=_env(), cwd=ws.parent)
+
+
+class Serve:
+    """A ``serve`` subprocess; its stderr goes to a file."""
+
+    def __init__(self, ws: Path, name: str, *extra: str, env: dict[str, str]) -> None:
+        self.ws = ws
+        self.err = ws.parent / f"{name}.err"
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ess_async", "--log-level", "INFO", "serve",
+                 "--workspace", str(ws), *extra],
+                stdout=err, stderr=err, env=env, cwd=ws.parent)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"serve did not exit within {timeout}s:\n{self.log()}") from None
+
+    def wait_workers(self, count: int) -> list[int]:
+        """Until ``count`` workers are ready (the supervisor logs it); their pids."""
+        wait_until(lambda: "worker processes ready" in self.log()
+                   or self.proc.poll() is not None, 30, "the workers to be ready")
+        assert self.proc.poll() is None, self.log()
+        pids = worker_pids(self.ws)
+        assert len(pids) == count, (pids, self.log())
+        return sorted(pids.values())
+
+
+@pytest.fixture
+def serves() -> Iterator[Callable[..., Serve]]:
+    started: list[Serve] = []
+
+    def start(ws: Path, *extra: str, env: dict[str, str] | None = None) -> Serve:
+        serve = Serve(ws, f"serve{len(started)}", *extra, env=env or _env())
+        started.append(serve)
+        return serve
+
+    yield start
+    for serve in started:
+        if serve.proc.poll() is None:
+            serve.proc.kill()
+        serve.proc.wait(timeout=30)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30,
+               what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def worker_pids(ws: Path) -> dict[str, int]:
+    """Worker name -> pid, from the lock files of their journals (live ones only)."""
+    found = {}
+    for lock in (ws / "journal").glob("w*.lock"):
+        text = lock.read_text().strip()
+        if text.isdigit() and alive(int(text)):
+            found[lock.stem] = int(text)
+    return found
+
+
+def queue(ws: Path, count: int, prefix: str = "m") -> set[str]:
+    client = Client(ws)
+    return {client.create_work(to=f"r{i % 5}@example.com", subject=f"{prefix}{i}").stem
+            for i in range(count)}
+
+
+def ids_in(ws: Path, state: str) -> set[str]:
+    return {p.stem for p in (ws / state).rglob("*.json")}
+
+
+def journals(ws: Path) -> list[str]:
+    folder = ws / "journal"
+    return sorted(p.name for p in folder.glob("*.log")) if folder.is_dir() else []
+
+
+# -- delivering ----------------------------------------------------------------------------
+
+
+def test_two_processes_deliver_each_message_once(tmp_path: Path, smtp_server: SMTPServer,
+                                                  serves: Callable[..., Serve]) -> None:
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    ids = queue(ws, 40)
+    serve = serves(ws, "--processes", "2", "--spawn", "2")
+    pids = serve.wait_workers(2)
+    assert all(parent_of(pid) == serve.pid for pid in pids)  # real processes, its own
+    ids |= queue(ws, 10, prefix="late")  # found by the supervisor's watcher
+    wait_until(lambda: ids_in(ws, "passed") == ids, 30, "every message in passed/")
+
+    assert serve.proc.send_signal(signal.SIGTERM) is None
+    assert serve.wait() == 0, serve.log()
+    assert lock_holder(ws) is None
+    assert not any(alive(pid) for pid in pids)
+    received = Counter(smtp_server.handler.subjects())
+    assert len(received) == 50 and set(received.values()) == {1}, received.most_common(3)
+    assert ids_in(ws, "active") == set() and ids_in(ws, "queued") == set()
+    assert journals(ws) == []  # settled and removed at the end
+    log = serve.log()
+    assert "[w1]" in log and "[w2]" in log  # both workers sent
+    assert "stopped: passed 50," in log  # the workers' outcomes, counted by the supervisor
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("point", ["after_journal", "after_claim"])
+def test_killed_worker_is_settled_and_replaced(tmp_path: Path, smtp_server: SMTPServer,
+                                               serves: Callable[..., Serve],
+                                               point: str) -> None:
+    """Worker w1 dies by SIGKILL at ``point`` of its third message: the supervisor
+    settles what it held from its journal (accepted: passed, never resent; claimed only:
+    requeued) and starts a replacement; every message is sent exactly once."""
+    n = 30
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    ids = queue(ws, n)
+    # One sender per worker: nothing else of w1's is in flight when it dies (another
+    # send could be in the documented window, accepted and not yet journaled).
+    serve = serves(ws, "--processes", "2", "--spawn", "1",
+                   env=_env(ESS_TEST_WORKER_CRASH_AT=f"w1={point}:3"))
+    wait_until(lambda: ids_in(ws, "passed") == ids or serve.proc.poll() is not None, 30,
+               "every message in passed/")
+    assert serve.proc.poll() is None, serve.log()
+    log = serve.log()
+    assert "worker w1 (pid" in log and "exited with -9" in log, log
+    assert "a replacement starts" in log
+    if point == "after_journal":
+        assert "not sent again" in log  # finished from w1's journal
+    wait_until(lambda: len(worker_pids(ws)) == 2, 30, "the replacement to run")
+    pids = worker_pids(ws)
+
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.wait() == 0, serve.log()
+    assert not any(alive(pid) for pid in pids.values())
+    received = Counter(smtp_server.handler.subjects())
+    assert set(received) == {f"m{i}" for i in range(n)}
+    assert set(received.values()) == {1}, received.most_common(3)  # none resent
+    assert ids_in(ws, "active") == set() and ids_in(ws, "passed") == ids
+    assert journals(ws) == []
+
+
+def claims_of(ws: Path, worker: str) -> set[str]:
+    """The ids a worker journaled a claim for (from journal/<worker>.log)."""
+    lines = (ws / "journal" / f"{worker}.log").read_text().splitlines()
+    return {json.loads(line)["id"] for line in lines if '"claim"' in line}
+
+
+def hang_after(handler: object, count: int) -> None:
+    """The sink answers ``count`` messages, then keeps every sender waiting for the
+    reply to its data (until ``handler.release`` is set)."""
+    handler.hold_after["DATA"] = count  # type: ignore[attr-defined]
+    handler.hold.add("DATA")  # type: ignore[attr-defined]
+
+
+def senders_hang(ws: Path, answered: int, senders: int) -> None:
+    """Until the sink's ``answered`` messages are in passed/ and every sender holds a
+    claim waiting for its reply: only those are in active/ from then on."""
+    wait_until(lambda: len(ids_in(ws, "passed")) == answered
+               and len(ids_in(ws, "active")) == senders, 30,
+               "every sender to wait for its reply")
+
+
+def test_worker_killed_by_pid_mid_send_loses_nothing(
+        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
+    n, spawn = 40, 2
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    ids = queue(ws, n)
+    handler = smtp_server.handler
+    hang_after(handler, 10)
+    serve = serves(ws, "--processes", "2", "--spawn", str(spawn))
+    serve.wait_workers(2)
+    senders_hang(ws, 10, 2 * spawn)
+    victim = worker_pids(ws)["w2"]
+    in_flight = claims_of(ws, "w2") & ids_in(ws, "active")
+    assert len(in_flight) == spawn
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: worker_pids(ws).get("w2", victim) != victim, 30, "a new w2")
+    handler.hold.clear()
+    handler.release.set()
+    wait_until(lambda: ids_in(ws, "passed") == ids, 30, "every message in passed/")
+
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.wait() == 0, serve.log()
+    assert "holding claims: {'requeued': 2}" in serve.log()
+    received = Counter(handler.subjects())
+    assert set(received) == {f"m{i}" for i in range(n)}
+    # Resent only what the killed worker had sent without a reply (outcome unknown).
+    subject = {p.stem: json.loads(p.read_bytes())["subject"]
+               for p in (ws / "passed").rglob("*.json")}
+    resent = {s for s, copies in received.items() if copies > 1}
+    assert max(received.values()) <= 2 and resent <= {subject[i] for i in in_flight}
+    assert ids_in(ws, "active") == set()
+
+
+def test_killed_supervisor_takes_its_workers_and_the_next_start_recovers(
+        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
+    n, spawn = 40, 2
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    ids = queue(ws, n)
+    handler = smtp_server.handler
+    hang_after(handler, 10)
+    serve = serves(ws, "--processes", "2", "--spawn", str(spawn))
+    pids = serve.wait_workers(2)
+    senders_hang(ws, 10, 2 * spawn)
+    in_flight = ids_in(ws, "active")
+    serve.proc.send_signal(signal.SIGKILL)
+    assert serve.wait() == -signal.SIGKILL
+    wait_until(lambda: not any(alive(pid) for pid in pids), 10, "the workers to die too")
+    assert lock_holder(ws) is None
+    # Their claims are still in active/, each journaled by the worker that made it.
+    assert ids_in(ws, "active") == in_flight
+    assert claims_of(ws, "w1") | claims_of(ws, "w2") >= in_flight
+    handler.hold.clear()
+    handler.release.set()
+
+    again = serves(ws, "--processes", "2", "--spawn", str(spawn))
+    wait_until(lambda: ids_in(ws, "passed") == ids or again.proc.poll() is not None, 30,
+               "every message in passed/")
+    again.proc.send_signal(signal.SIGTERM)
+    assert again.wait() == 0, again.log()
+    assert "recovered claims from an earlier run: {'requeued': 4," in again.log()
+    received = Counter(handler.subjects())
+    assert set(received) == {f"m{i}" for i in range(n)}
+    subject = {p.stem: json.loads(p.read_bytes())["subject"]
+               for p in (ws / "passed").rglob("*.json")}
+    resent = {s for s, copies in received.items() if copies > 1}
+    assert max(received.values()) <= 2 and resent <= {subject[i] for i in in_flight}
+    assert ids_in(ws, "active") == set() and ids_in(ws, "queued") == set()
+    assert journals(ws) == []
+
+
+def test_next_start_settles_every_worker_journal(tmp_path: Path,
+                                                 smtp_server: SMTPServer) -> None:
+    """Claims left in active/ by dead workers: each settled from its own journal (an
+    accepted one finished as passed and never sent; a claimed one requeued and sent)."""
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    client = Client(ws)
+    accepted = client.create_work(to="a@example.com", subject="accepted").stem
+    claimed = client.create_work(to="a@example.com", subject="claimed").stem
+    for msg_id in (accepted, claimed):
+        os.rename(ws / "queued" / f"{msg_id}.json", ws / "active" / f"{msg_id}.json")
+    (ws / "journal").mkdir()
+    (ws / "journal" / "w1.log").write_text(
+        json.dumps({"op": "claim", "id": accepted, "at": 1.0}) + "\n"
+        + json.dumps({"op": "accepted", "id": accepted, "at": 2.0, "code": 250,
+                      "reply": "OK", "refused": {}, "attempt": 1}) + "\n")
+    (ws / "journal" / "w2.log").write_text(
+        json.dumps({"op": "claim", "id": claimed, "at": 1.0}) + "\n")
+    (ws / "journal" / "w2.lock").write_text("999999\n")  # its owner is long gone
+
+    result = run(ws, "process")
+    assert result.returncode == 0, result.stderr
+    assert smtp_server.handler.subjects() == ["claimed"]
+    assert ids_in(ws, "passed") == {accepted, claimed}
+    assert journals(ws) == [] and not (ws / "journal" / "w2.lock").exists()
+
+
+def test_second_serve_is_refused_while_the_supervisor_runs(
+        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    serve = serves(ws, "--processes", "2")
+    serve.wait_workers(2)
+    assert lock_holder(ws) == serve.pid  # the supervisor holds the workspace lock
+    for command in ("serve", "process", "cleanup"):
+        refused = run(ws, command)
+        assert refused.returncode != 0, refused.stdout
+        assert "already being delivered" in refused.stderr, refused.stderr
+        assert str(serve.pid) in refused.stderr
+    second = serves(ws, "--processes", "2")
+    assert second.wait() != 0
+    assert serve.proc.poll() is None and lock_holder(ws) == serve.pid
+    queue(ws, 3)
+    wait_until(lambda: len(ids_in(ws, "passed")) == 3, 30, "delivery")
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.wait() == 0, serve.log()
+    assert lock_holder(ws) is None
+
+
+# -- the API and the bounds ---------------------------------------------------------------
+
+
+async def test_manager_processes_delivers_and_forwards_events(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    events: list[dict[str, object]] = []
+    manager = Manager(tmp_path / "ws", config=make_config(smtp_server.port), spawn=2,
+                      processes=2, on_event=events.append)
+    async with manager:
+        for _ in range(3000):  # the workers start in the background
+            if len(manager.worker_pids) == 2:
+                break
+            await asyncio.sleep(0.01)
+        pids = manager.worker_pids
+        assert len(pids) == 2 and all(parent_of(pid) == os.getpid() for pid in pids)
+        assert manager.workers == []  # no sender task in this process
+        paths = [await manager.create_work(to="a@example.com", subject=f"s{i}")
+                 for i in range(6)]
+        outcomes = [await manager.wait(path, timeout=20) for path in paths]
+    assert [o.state for o in outcomes] == ["passed"] * 6
+    assert manager.worker_pids == []
+    await asyncio.sleep(0)
+    assert not any(alive(pid) for pid in pids)
+    assert sorted(smtp_server.handler.subjects()) == [f"s{i}" for i in range(6)]
+    kinds = Counter(str(e["event"]) for e in events)
+    assert kinds == {"queued": 6, "passed": 6}  # the workers' events reach the callback
+
+
+def test_bounds_are_split_among_the_workers(tmp_path: Path) -> None:
+    config = make_config(25, transport={"smtp": {"host": "127.0.0.1", "port": 25,
+                                                 "max_connections": 5,
+                                                 "max_per_second": 30}})
+    pool = WorkerPool(Manager(tmp_path / "ws", config=config, processes=3), None)  # type: ignore[arg-type]
+    assert [s.connections for s in pool.slots] == [2, 2, 1]  # sum: the workspace's
+    assert [s.rate for s in pool.slots] == [10.0, 10.0, 10.0]
+    assert pool.credit == 2 * 3  # two ids per sender (spawn 3)
+    with pytest.raises(ConfigError, match="max_connections"):
+        WorkerPool(Manager(tmp_path / "ws", config=config, processes=6), None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="processes"):
+        Manager(tmp_path / "ws", config=config, processes=-1)
+
+
+def test_merge_entries_prefers_the_latest_acceptance() -> None:
+    claim = {"op": "claim", "id": "x", "at": 1.0}
+    old = {"op": "accepted", "id": "x", "at": 2.0, "attempt": 1}
+    new = {"op": "accepted", "id": "x", "at": 3.0, "attempt": 2}
+    assert merge_entries({"x": new}, {"x": claim}, {"x": old}) == {"x": new}
+    assert merge_entries({"x": claim}, {"y": claim}) == {"x": claim, "y": claim}
