@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import time
 from pathlib import Path
 
@@ -21,8 +21,13 @@ async def test_retention_by_age_and_count(tmp_path: Path, smtp_server: SMTPServe
     passed = sorted((ws / "passed").rglob("*.json"))
     assert len(passed) == 10
     ten_days_ago = time.time() - 10 * 86400
-    for path in passed[:4]:
-        os.utime(path, (ten_days_ago, ten_days_ago))
+    old_shard = ws / "passed" / time.strftime("%Y-%m-%d", time.gmtime(ten_days_ago))
+    old_shard.mkdir()
+    for path in passed[:4]:  # finished ten days ago, as their records and shard say
+        record = json.loads(path.read_bytes())
+        record["finished_at"] = ten_days_ago
+        (old_shard / path.name).write_text(json.dumps(record))
+        path.unlink()
 
     by_age = Manager(ws, config=make_config(smtp_server.port,
                                             server={"keep_passed_days": 7}))

@@ -209,3 +209,18 @@ async def test_manager_store_is_either_kind(tmp_path, manager, smtp_server):
         assert state == "held" and record is not None and record["subject"] == "either"
         await m.store.release(ref)
         assert (await m.counts())["queued"] == 1
+
+
+async def test_retention_runs_on_the_postgres_deliverer(tmp_path, smtp_server, pg_url):
+    """[server] keep_passed applies to the PostgreSQL store as to the file store."""
+    config = make_config(smtp_server.port, server={"keep_passed": 2})
+    m = Manager(tmp_path / "ws", config=config, store=pg_url)
+    await m.pg_store.migrate()
+    try:
+        for i in range(4):
+            await m.create_work(to="a@example.com", subject=f"k{i}", body="x")
+        assert (await m.process_workload()).passed == 4
+        await m.process_workload()  # retention runs when a delivery run starts
+        assert (await m.counts())["passed"] == 2
+    finally:
+        await m.pg_store.close()

@@ -119,3 +119,24 @@ async def test_a_crashed_claim_is_recovered_never_resent(make, smtp_server: SMTP
     assert summary.passed >= 1
     counts = await manager.counts()
     assert counts["active"] == 0 and counts["passed"] == 2
+
+
+async def test_retention_is_purge_in_both_stores(make, smtp_server: SMTPServer) -> None:
+    """``[server] keep_*`` and ``purge`` are one mechanism: keep the newest N, or what
+    finished within the age, whatever the store."""
+    clock = FakeClock()
+    manager = await make(clock=clock)
+    for i in range(5):
+        await manager.create_work(to="a@example.com", subject=f"m{i}", body="x")
+    assert (await manager.process_workload()).passed == 5
+    assert await manager.store.purge("passed", keep=3) == 2
+    assert await manager.store.purge("passed", 3600, keep=3) == 0
+    kept = {m.subject for m in await manager.store.list("passed")}
+    assert len(kept) == 3
+    clock.advance(7200)  # all finished over an hour ago: age wins, keep is only a cap
+    assert await manager.store.purge("passed", 3600, keep=1) == 3
+    with pytest.raises(ValueError, match="older_than, keep"):
+        await manager.store.purge("passed")
+    with pytest.raises(ValueError, match="keep"):
+        await manager.store.purge("corrupt", keep=2)
+    assert (await manager.counts())["passed"] == 0

@@ -35,7 +35,7 @@ from .config import (
 from .delivery import WorkItem, WorkloadSummary
 from .dkim import DkimSigner
 from .enqueue import Enqueuer, GroupCommit, Prepared, prepare
-from .errors import ConfigError, EssError, MessageNotFound
+from .errors import ConfigError, EssError, MessageNotFound, StoreError
 from .events import EventBus, Webhook, callback_sink, event_kind, make_event
 from .identity import check_ehlo_name
 from .journal import Journal, replay
@@ -732,9 +732,9 @@ class Manager:
         removed = 0
         for state, days, count in (("passed", server.keep_passed_days, server.keep_passed),
                                    ("failed", server.keep_failed_days, server.keep_failed)):
-            if days or count:
-                removed += self.spool.prune(state, max_age=days * 86400, max_count=count,
-                                            now=self.clock())
+            if days or count:  # the same mechanism as `purge` (one for both stores)
+                removed += self.queue.purge(state, days * 86400 if days else None,
+                                            keep=count)
         if removed:
             logger.info("retention removed %d old record(s)", removed)
         try:
@@ -984,6 +984,26 @@ class Manager:
             return await self._deliver_from_store(drain=False, handle_signals=handle_signals)
         return await self._serve(await self._open_run(), handle_signals=handle_signals)
 
+    async def _retain_in_store(self, *, once: bool) -> None:
+        """``[server] keep_*`` retention on the PostgreSQL store, as the file store's
+        (``prune``): at the start, then every few minutes (any deliverer may run it)."""
+        server = self.config.server
+        while True:
+            for state, days, count in (("passed", server.keep_passed_days, server.keep_passed),
+                                       ("failed", server.keep_failed_days, server.keep_failed)):
+                if days or count:
+                    try:
+                        removed = await self.pg_store.purge(
+                            state, days * 86400 if days else None, keep=count)
+                    except StoreError as exc:
+                        logger.error("retention: %s", exc)
+                    else:
+                        if removed:
+                            logger.info("retention removed %d old record(s)", removed)
+            if once:
+                return
+            await asyncio.sleep(_PRUNE_SECONDS)
+
     async def _deliver_from_store(self, *, drain: bool, handle_signals: bool
                                   ) -> WorkloadSummary:
         """A deliverer of the PostgreSQL store (any number run on any hosts; no
@@ -1013,7 +1033,12 @@ class Manager:
                         loop.add_signal_handler(sig, run.stop_event.set)
                         installed.append(sig)
             logger.info("delivering from %r with %d senders", store, self.spawn)
-            return await run.run(drain=drain)
+            retention = asyncio.create_task(self._retain_in_store(once=drain))
+            try:
+                return await run.run(drain=drain)
+            finally:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)

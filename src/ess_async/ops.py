@@ -44,6 +44,7 @@ __all__ = (
     "MessageNotFound",
     "MessageStateError",
     "QueueOps",
+    "check_purge",
     "parse_duration",
 )
 
@@ -106,6 +107,23 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 10m, 12h, 7d)")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def check_purge(state: str, older_than: float | None, keep: int
+                ) -> tuple[float | None, int]:
+    """Validate ``purge``'s arguments (both stores); ValueError naming the bad one."""
+    if state not in PURGEABLE:
+        raise ValueError(f"can only purge {', '.join(PURGEABLE)}, not {state!r}")
+    seconds = None if older_than is None else _number(older_than)
+    if older_than is not None and (seconds is None or seconds < 0):
+        raise ValueError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be an integer >= 0, not {keep!r}")
+    if keep and state == "corrupt":
+        raise ValueError("keep applies to passed and failed messages, not corrupt")
+    if older_than is None and not keep:
+        raise ValueError("purge needs older_than, keep, or both")
+    return seconds, keep
 
 
 def _id_time(msg_id: str) -> float:
@@ -290,21 +308,49 @@ class QueueOps:
 
     # -- many messages ---------------------------------------------------------------
 
-    def purge(self, state: str, older_than: float) -> int:
+    def purge(self, state: str, older_than: float | None = None, *, keep: int = 0) -> int:
         """Delete passed, failed or corrupt messages finished (quarantined) more than
-        ``older_than`` seconds ago, and their idempotency keys; returns how many."""
-        if state not in PURGEABLE:
-            raise ValueError(f"can only purge {', '.join(PURGEABLE)}, not {state!r}")
-        if _number(older_than) is None or older_than < 0:
-            raise ValueError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
-        cutoff = self.clock() - older_than
+        ``older_than`` seconds ago and, with ``keep``, all but the newest ``keep`` passed
+        or failed ones; their idempotency keys go with them. Returns how many. This is
+        also the ``[server] keep_*`` retention (``Manager.prune``)."""
+        older_than, keep = check_purge(state, older_than, keep)
+        cutoff = None if older_than is None else self.clock() - older_than
         gone: _Ids = []
         try:
             if state == "corrupt":
+                assert cutoff is not None
                 return self._purge_corrupt(cutoff, gone)
+            if keep:
+                return self._purge_beyond(state, cutoff, keep, gone)
+            assert cutoff is not None
             return self._purge_final(state, cutoff, gone)
         finally:
             self.spool.keys.forget(gone)
+
+    def _purge_beyond(self, state: str, cutoff: float | None, keep: int, gone: _Ids) -> int:
+        """Newest first (by shard, then id): keep ``keep`` not older than ``cutoff``."""
+        removed = kept = 0
+        top = self.spool.dir(state)
+        for shard in sorted(_names(top), reverse=True):
+            folder = top / shard
+            count = 0
+            for name in sorted(_names(folder), reverse=True):
+                if not (name.endswith(".json") and ID_PATTERN.match(name[:-5])):
+                    continue
+                path = folder / name
+                try:
+                    if kept < keep and (cutoff is None or self._finished_at(path) >= cutoff):
+                        kept += 1
+                        continue
+                    _remove(path)
+                except FileNotFoundError:
+                    continue
+                gone.append(name[:-5])
+                count += 1
+            if count:
+                fsync_dir(folder)
+                removed += count
+        return removed
 
     def _purge_final(self, state: str, cutoff: float, gone: _Ids) -> int:
         removed = 0

@@ -469,36 +469,6 @@ class Spool:
     def counts(self) -> dict[str, int]:
         return {state: self.count(state) for state in STATES}
 
-    def prune(self, state: str, *, max_age: float = 0.0, max_count: int = 0,
-              now: float | None = None) -> int:
-        """Retention for ``passed/`` or ``failed/``: remove records finished more than
-        ``max_age`` seconds ago and all but the newest ``max_count`` (0 = no limit).
-        The idempotency keys of the removed messages are removed too (they are free)."""
-        now = time.time() if now is None else now
-        removed = 0
-        kept = 0
-        gone: list[str] = []
-        for shard in sorted(self._names(self.dir(state)), reverse=True):  # newest first
-            folder = self.dir(state) / shard
-            for name in sorted(self._names(folder), reverse=True):
-                path = folder / name
-                try:
-                    old = max_age and now - path.lstat().st_mtime > max_age
-                    if old or (max_count and kept >= max_count):
-                        path.unlink()
-                        removed += 1
-                        gone.append(name[:-5])
-                    else:
-                        kept += 1
-                except FileNotFoundError:
-                    continue
-            if shard < _shard(now - 2 * 86400):  # a recent shard may be written to now
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only succeeds once the shard is empty
-                    self._shards.discard(str(folder))
-        self.keys.forget(n for n in gone if ID_PATTERN.match(n))
-        return removed
-
     def clean_tmp(self, older_than: float = 600.0) -> int:
         """Remove abandoned partial writes (a concurrent writer's fresh ones are kept)."""
         removed = 0

@@ -98,6 +98,9 @@ class Store(ABC):
         state it was in."""
 
     @abstractmethod
-    async def purge(self, state: str, older_than: float) -> int:
+    async def purge(self, state: str, older_than: float | None = None, *,
+                    keep: int = 0) -> int:
         """Delete passed, failed or corrupt messages finished more than ``older_than``
-        seconds ago, and their idempotency keys; how many."""
+        seconds ago and, with ``keep``, all but the newest ``keep`` passed or failed
+        ones, with their idempotency keys; how many. The ``[server] keep_*`` retention
+        is this too."""

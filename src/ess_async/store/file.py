@@ -164,5 +164,6 @@ class FileStore(Store):
     async def delete(self, message: str | os.PathLike[str]) -> str:
         return await asyncio.to_thread(self.ops.delete, message)
 
-    async def purge(self, state: str, older_than: float) -> int:
-        return await asyncio.to_thread(self.ops.purge, state, older_than)
+    async def purge(self, state: str, older_than: float | None = None, *,
+                    keep: int = 0) -> int:
+        return await asyncio.to_thread(self.ops.purge, state, older_than, keep=keep)

@@ -33,7 +33,6 @@ from ..errors import MessageNotFound
 from ..ops import (
     _PRIORITY_NAMES,
     HOLDABLE,
-    PURGEABLE,
     RETRYABLE,
     MessageBusy,
     MessageInfo,
@@ -41,6 +40,7 @@ from ..ops import (
     QueueOps,
     _error_text,
     _number,
+    check_purge,
 )
 from ..outcome import message_id
 from ..spool import STATES
@@ -229,21 +229,27 @@ async def delete(store: PostgresStore, message: str | os.PathLike[str]) -> str:
 # -- many messages ---------------------------------------------------------------------
 
 
-async def purge(store: PostgresStore, state: str, older_than: float) -> int:
+async def purge(store: PostgresStore, state: str, older_than: float | None = None, *,
+                keep: int = 0) -> int:
     """Delete passed, failed or corrupt messages finished (quarantined) more than
-    ``older_than`` seconds ago, and their idempotency keys; how many. A transaction per
-    batch of ``PURGE_BATCH``."""
-    if state not in PURGEABLE:
-        raise ValueError(f"can only purge {', '.join(PURGEABLE)}, not {state!r}")
-    if _number(older_than) is None or older_than < 0:
-        raise ValueError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
-    cutoff = store.clock() - older_than
+    ``older_than`` seconds ago and, with ``keep``, all but the newest ``keep`` passed or
+    failed ones, with their idempotency keys; how many. A transaction per batch of
+    ``PURGE_BATCH``; also the ``[server] keep_*`` retention of the PostgreSQL store."""
+    seconds, keep = check_purge(state, older_than, keep)
+    cutoff = None if seconds is None else store.clock() - seconds
 
     async def work(conn: Any) -> int:
         removed = 0
-        while True:
-            gone = len(await conn.fetch(store.sql["ops_purge"], state, cutoff, PURGE_BATCH))
-            removed += gone
-            if gone < PURGE_BATCH:
-                return removed
+        steps: list[tuple[str, float | int]] = []
+        if cutoff is not None:
+            steps.append(("ops_purge", cutoff))  # finished before the cutoff
+        if keep:
+            steps.append(("ops_purge_beyond", keep))  # then all but the newest `keep`
+        for name, arg in steps:
+            while True:
+                gone = len(await conn.fetch(store.sql[name], state, arg, PURGE_BATCH))
+                removed += gone
+                if gone < PURGE_BATCH:
+                    break
+        return removed
     return await store.run(work)

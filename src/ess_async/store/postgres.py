@@ -446,7 +446,8 @@ class PostgresStore(Store):
         from .pgops import delete
         return await delete(self, message)
 
-    async def purge(self, state: str, older_than: float) -> int:
+    async def purge(self, state: str, older_than: float | None = None, *,
+                    keep: int = 0) -> int:
         from .pgops import purge
-        return await purge(self, state, older_than)
+        return await purge(self, state, older_than, keep=keep)
 

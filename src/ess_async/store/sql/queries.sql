@@ -241,3 +241,17 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED)
   AND state = $1
 RETURNING id;
+
+-- name: ops_purge_beyond
+-- Up to $3 messages in state $1 (passed or failed) beyond the newest $2: retention by
+-- count ([server] keep_passed / keep_failed).
+DELETE FROM {schema}.messages
+WHERE id IN (
+    SELECT id FROM {schema}.messages
+    WHERE state = $1
+    ORDER BY finished_at DESC NULLS LAST, id COLLATE "C" DESC
+    OFFSET $2
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED)
+  AND state = $1
+RETURNING id;
