@@ -91,3 +91,20 @@ def test_clear_errors(tmp_path: Path, smtp_server: SMTPServer, pg_url: str) -> N
     assert result.returncode == 2 and "SIGTERM" in result.stderr
     result = ess(ws, "hold", "--store", pg_url, "00000000000000000001-n00000000")
     assert result.returncode == 2 and "00000000000000000001-n00000000" in result.stderr
+
+
+def test_purge_keep_from_the_cli_on_both_stores(tmp_path: Path, smtp_server: SMTPServer,
+                                                 pg_url: str) -> None:
+    for name, store in (("files", ()), ("pg", ("--store", pg_url))):
+        ws = tmp_path / name
+        write_config(ws, smtp_server.port)
+        if store:
+            ok(ess(ws, "db", "migrate", *store))
+        for i in range(4):
+            ok(ess(ws, "email", *store, "--to", "r@example.com", "--subject", f"k{i}",
+                   "--body", "x"))
+        assert "passed 4" in ok(ess(ws, "process", *store))
+        assert "purged 3 passed" in ok(ess(ws, "purge", *store, "--state", "passed",
+                                           "--keep", "1"))
+        result = ess(ws, "purge", *store, "--state", "passed")
+        assert result.returncode == 2 and "older_than, keep" in result.stderr

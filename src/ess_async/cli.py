@@ -349,11 +349,14 @@ def _add_queue_commands(sub: Any) -> None:
         _add_workspace(p)
         p.add_argument("id", help="message id (or its spool path)")
 
-    p = sub.add_parser("purge", help="delete old passed, failed or corrupt messages")
+    p = sub.add_parser("purge", help="delete old passed, failed or corrupt messages "
+                       "(--older-than and/or --keep)")
     _add_workspace(p)
     p.add_argument("--state", required=True, choices=PURGEABLE)
-    p.add_argument("--older-than", required=True, dest="older_than",
-                   help="a duration: 30s, 10m, 12h, 7d")
+    p.add_argument("--older-than", default=None, dest="older_than",
+                   help="finished more than this long ago: 30s, 10m, 12h, 7d")
+    p.add_argument("--keep", type=int, default=0,
+                   help="and all but the newest N (passed or failed)")
 
 
 def _age(seconds: float) -> str:

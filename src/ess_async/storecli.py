@@ -90,7 +90,8 @@ async def run_queue_command(store: Store, args: argparse.Namespace) -> int:
     elif command == "delete":
         print(f"{args.id} deleted (was {await store.delete(args.id)})")
     elif command == "purge":
-        count = await store.purge(args.state, parse_duration(args.older_than))
+        older = None if args.older_than is None else parse_duration(args.older_than)
+        count = await store.purge(args.state, older, keep=args.keep)
         print(f"purged {count} {args.state} message(s)")
     elif command == "cleanup" and isinstance(store, PostgresStore):
         from .manager import Manager
