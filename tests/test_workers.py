@@ -295,6 +295,49 @@ def test_killed_supervisor_takes_its_workers_and_the_next_start_recovers(
     assert journals(ws) == []
 
 
+def test_sigterm_lets_the_workers_finish_their_sends(
+        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
+    n, spawn = 40, 2
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    ids = queue(ws, n)
+    handler = smtp_server.handler
+    hang_after(handler, 10)
+    serve = serves(ws, "--processes", "2", "--spawn", str(spawn))
+    pids = serve.wait_workers(2)
+    senders_hang(ws, 10, 2 * spawn)
+    in_flight = ids_in(ws, "active")
+    serve.proc.send_signal(signal.SIGTERM)
+    # Each worker got SIGTERM and waits (within grace) for its sends: let them finish.
+    wait_until(lambda: serve.log().count(f"for {spawn} in-flight sends") == 2, 30,
+               "both workers to wait for their sends")
+    handler.hold.clear()
+    handler.release.set()
+    assert serve.wait() == 0, serve.log()
+    assert lock_holder(ws) is None and not any(alive(pid) for pid in pids)
+    passed, queued = ids_in(ws, "passed"), ids_in(ws, "queued")
+    assert len(passed) == 10 + 2 * spawn and passed >= in_flight  # finished, not cut
+    assert passed | queued == ids and ids_in(ws, "active") == set()
+    received = Counter(handler.subjects())
+    assert set(received.values()) == {1} and sum(received.values()) == len(passed)
+    assert journals(ws) == []
+
+
+def test_a_worker_that_cannot_start_stops_serve(tmp_path: Path, smtp_server: SMTPServer,
+                                               serves: Callable[..., Serve]) -> None:
+    import fcntl
+
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    (ws / "journal").mkdir()
+    with open(ws / "journal" / "w1.lock", "w") as held:  # as if w1 were still running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        serve = serves(ws, "--processes", "2")
+        assert serve.wait() == 2, serve.log()
+    assert "worker w1 exited with 2 before it was ready" in serve.log()
+    assert lock_holder(ws) is None and worker_pids(ws) == {}
+
+
 def test_next_start_settles_every_worker_journal(tmp_path: Path,
                                                  smtp_server: SMTPServer) -> None:
     """Claims left in active/ by dead workers: each settled from its own journal (an

@@ -74,7 +74,10 @@ _SOURCES = frozenset({"queued", "deferred", "scheduled"})
 # Tests: ESS_TEST_WORKER_CRASH_AT=w1=after_journal:3 sets ESS_TEST_CRASH_AT (faults.py)
 # in the first process of that worker alone; no worker inherits ESS_TEST_CRASH_AT.
 _CRASH_ENV = "ESS_TEST_WORKER_CRASH_AT"
-_ENTRY = "import sys; from ess_async.workers import worker_main; sys.exit(worker_main())"
+# The worker imports this very package: its folder goes first on sys.path unless it is
+# on it already (an installed package keeps the interpreter's order).
+_ENTRY = ("import sys; d = sys.argv.pop(); d in sys.path or sys.path.insert(0, d); "
+          "from ess_async.workers import worker_main; sys.exit(worker_main())")
 
 
 # -- the journals of workers --------------------------------------------------------------
@@ -297,6 +300,9 @@ class WorkerPool:
             except OSError as exc:  # cannot start a process now (EMFILE, EAGAIN...)
                 logger.error("cannot start worker %s: %s", slot.name, exc)
                 pid, code, ready = 0, None, False
+            except Exception:  # a bug here must not leave the slot empty for good
+                logger.exception("worker %s: unexpected error", slot.name)
+                pid, code, ready = 0, None, False
             slot.last_code = code
             if self.stopping:
                 break
@@ -314,8 +320,8 @@ class WorkerPool:
         held. Returns its pid, exit code, and whether it was ever ready."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _ENTRY, pickle.dumps(self._setup(slot)).hex(),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=self._env(slot), limit=1 << 24)
+            str(Path(__file__).resolve().parent.parent), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=self._env(slot), limit=1 << 24)
         slot.starts += 1
         slot.proc = proc
         if self.stopping:
@@ -336,7 +342,8 @@ class WorkerPool:
             slot.proc = None
             slot.ready = False
             self.changed.set()
-            await self._settle(slot, proc.pid, code)
+            if ready:  # else it never held its journal's lock, nor anything to settle
+                await self._settle(slot, proc.pid, code)
         return proc.pid, code, ready
 
     def _setup(self, slot: _Slot) -> dict[str, Any]:
@@ -356,9 +363,6 @@ class WorkerPool:
         name, _, point = crash.partition("=")
         if name == slot.name and slot.starts == 0:
             env["ESS_TEST_CRASH_AT"] = point
-        # The worker imports this very package, wherever it was imported from.
-        here = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         return env
 
     def _line(self, slot: _Slot, raw: bytes) -> bool:
@@ -402,7 +406,6 @@ class WorkerPool:
         """The worker in ``slot`` has exited: settle exactly the ids it held, from its
         journal (as recovery does), and offer or time each where it is now."""
         manager, run = self.manager, self.run
-        dispatcher = run.dispatcher
         log = journal_dir(manager.workspace) / f"{slot.name}.log"
 
         def read() -> dict[str, dict[str, Any]]:
@@ -411,29 +414,21 @@ class WorkerPool:
 
         entries = await asyncio.to_thread(read)
         counts: dict[str, int] = {}
-        kept: dict[str, dict[str, Any]] = {}
+        kept: dict[str, dict[str, Any]] = {}  # accepted, not yet recorded (disk trouble)
+        broken = False
         for msg_id, source in list(slot.outstanding.items()):
-            dispatcher.claimed.pop(msg_id, None)
-            if os.path.lexists(manager.spool.path("active", msg_id)):
-                entry = entries.get(msg_id)
-                outcome = dispatcher.settle_claim(msg_id, entry)
-                counts[outcome] = counts.get(outcome, 0) + 1
-                if outcome == "passed" and dispatcher.last_settled is not None:
-                    state, record = dispatcher.last_settled
-                    logger.info("message %s: accepted before worker %s died; recorded %s, "
-                                "not sent again", msg_id, slot.name, state)
-                    dispatcher._done(record, state)
-                elif outcome == "unsettled" and entry is not None:
-                    kept[msg_id] = entry  # the settler retries it; never resent
-                    run.settle_wake.set()
-                    continue
-            manager._resume(run, msg_id)  # offered or timed where it is now
-            if source == "scheduled":  # never claimed: still in scheduled/ (or gone)
-                due = manager._read_due(source, msg_id)
-                if due is not None:
-                    manager._schedule(run, msg_id, due, source)
+            run.dispatcher.claimed.pop(msg_id, None)
+            try:
+                entry = self._settle_one(slot.name, msg_id, source, entries.get(msg_id),
+                                         counts)
+            except Exception:  # the others are settled; the next start sees to this one
+                logger.exception("message %s: cannot settle it now", msg_id)
+                broken = True
+                continue
+            if entry is not None:
+                kept[msg_id] = entry
         slot.outstanding.clear()
-        keep_log = False
+        keep_log = broken
         if kept:
             try:
                 for entry in kept.values():
@@ -454,6 +449,31 @@ class WorkerPool:
         if counts:
             logger.info("worker %s (pid %d) exited with %s holding claims: %s", slot.name,
                         pid, code, counts)
+
+    def _settle_one(self, worker: str, msg_id: str, source: str,
+                    entry: dict[str, Any] | None, counts: dict[str, int],
+                    ) -> dict[str, Any] | None:
+        """Settle one id a dead worker held; returns its acceptance if the disk refused
+        its record for now (the settler retries it; it is never sent again)."""
+        manager, run = self.manager, self.run
+        dispatcher = run.dispatcher
+        if os.path.lexists(manager.spool.path("active", msg_id)):
+            outcome = dispatcher.settle_claim(msg_id, entry)
+            counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome == "passed" and dispatcher.last_settled is not None:
+                state, record = dispatcher.last_settled
+                logger.info("message %s: accepted before worker %s died; recorded %s, not "
+                            "sent again", msg_id, worker, state)
+                dispatcher._done(record, state)
+            elif outcome == "unsettled" and entry is not None:
+                run.settle_wake.set()
+                return entry
+        manager._resume(run, msg_id)  # offered or timed where it is now
+        if source == "scheduled":  # never claimed: still in scheduled/ (or gone)
+            due = manager._read_due(source, msg_id)
+            if due is not None:
+                manager._schedule(run, msg_id, due, source)
+        return None
 
     # -- handing out ids -------------------------------------------------------------
 
