@@ -338,6 +338,25 @@ def test_a_worker_that_cannot_start_stops_serve(tmp_path: Path, smtp_server: SMT
     assert lock_holder(ws) is None and worker_pids(ws) == {}
 
 
+def test_push_back_seen_by_one_worker_pauses_them_all(
+        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
+    n = 20
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    ids = queue(ws, n)
+    handler = smtp_server.handler
+    handler.mail_replies.append("421 4.7.0 Too many connections, slow down")
+    serve = serves(ws, "--processes", "2", "--spawn", "2")
+    wait_until(lambda: ids_in(ws, "passed") == ids, 30, "every message in passed/")
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.wait() == 0, serve.log()
+    log = serve.log()
+    assert log.count("server pushed back") == 1, log  # one worker saw it...
+    assert log.count("another worker saw push-back: pausing too") == 1, log  # ...both paused
+    received = Counter(handler.subjects())
+    assert len(received) == n and set(received.values()) == {1}
+
+
 def test_next_start_settles_every_worker_journal(tmp_path: Path,
                                                  smtp_server: SMTPServer) -> None:
     """Claims left in active/ by dead workers: each settled from its own journal (an

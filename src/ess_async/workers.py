@@ -23,8 +23,12 @@ their owners are gone.
 
 The workspace-wide bounds are split: worker i of N gets ``max_connections // N`` (the
 first ``max_connections % N`` one more) and ``max_per_second / N``. Push-back and an
-unusable relay pause the worker that saw them; per-domain limits (``[limits]``) hold per
-worker.
+unusable relay are the relay's: the worker that saw them reports ``pause <kind>`` and the
+supervisor passes it on, so every worker pauses (each then probes for itself). Per-domain
+limits (``[limits]``) hold per worker.
+
+Lines from the supervisor: ``<id> <folder>``, ``pause pushback|down``. From a worker:
+``ready``, ``done <id> <state> <due> <folder>``, ``event <json>``, ``pause ...``.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ _START_TIMEOUT = 60.0  # seconds for the first workers to say they are ready
 _STOP_MARGIN = 10.0  # seconds past [server] grace before a worker that will not stop is killed
 _OWNER_WAIT = 30.0  # seconds to wait for the owner of a worker journal to be gone
 _SOURCES = frozenset({"queued", "deferred", "scheduled"})
+_PAUSES = frozenset({"pushback", "down"})  # Throttle.push_back, Throttle.destination_down
 # Tests: ESS_TEST_WORKER_CRASH_AT=w1=after_journal:3 sets ESS_TEST_CRASH_AT (faults.py)
 # in the first process of that worker alone; no worker inherits ESS_TEST_CRASH_AT.
 _CRASH_ENV = "ESS_TEST_WORKER_CRASH_AT"
@@ -379,6 +384,13 @@ class WorkerPool:
             slot.ready = True
             self.changed.set()
             return True
+        elif kind == "pause" and rest in _PAUSES:
+            # Push-back or an unusable relay is the relay's: every worker pauses.
+            for other in self.slots:
+                proc = other.proc
+                if other is not slot and proc is not None and proc.stdin is not None \
+                        and not proc.stdin.is_closing():
+                    proc.stdin.write(f"pause {rest}\n".encode())
         else:
             logger.warning("worker %s: unexpected line %r", slot.name, raw[:200])
         return False
@@ -530,6 +542,40 @@ class _Out:
             self.broken = True  # the supervisor is gone: stdin's end stops this worker
 
 
+class _SharedThrottle(Throttle):
+    """A worker's throttle: push-back and an unusable relay, seen here or reported by
+    another worker (through the supervisor), pause this worker too."""
+
+    def __init__(self, max_concurrency: int, out: _Out, *, max_per_second: float) -> None:
+        super().__init__(max_concurrency, max_per_second=max_per_second)
+        self.out = out
+
+    def _report(self, kind: str, before: int) -> None:
+        if self.events != before:  # a new event, not the same burst
+            self.out.send(f"pause {kind}")
+
+    def push_back(self) -> None:
+        before = self.events
+        super().push_back()
+        self._report("pushback", before)
+
+    def destination_down(self) -> None:
+        before = self.events
+        super().destination_down()
+        self._report("down", before)
+
+    def seen_elsewhere(self, kind: str) -> None:
+        before = self.events
+        if kind == "pushback":
+            super().push_back()
+        elif kind == "down":
+            super().destination_down()
+        if self.events != before:
+            logger.warning("another worker saw %s: pausing too (%d concurrent sends)",
+                           "push-back" if kind == "pushback" else "the relay down",
+                           self.limit)
+
+
 class _WorkerManager(Manager):
     """A worker's Manager: its senders take what the supervisor hands them; no workspace
     lock, no listing, no timers (a message to wait goes back to the supervisor)."""
@@ -570,7 +616,7 @@ class _WorkerManager(Manager):
             raise EssError(f"{path} holds claims that are not settled")
         journal = Journal(path)
         smtp = self.config.transport.smtp
-        throttle = Throttle(self.connections, max_per_second=self.rate)
+        throttle = _SharedThrottle(self.connections, self.out, max_per_second=self.rate)
         dispatcher = Dispatcher(self.spool, journal, self.policy, clock=self.clock,
                                 rand=self.rand, throttle=throttle)
         if self.config.server.delivery_log:
@@ -621,6 +667,10 @@ class _WorkerManager(Manager):
         """Take the ids the supervisor hands out; its end of the pipe closing stops us."""
         while line := await reader.readline():
             msg_id, _, source = line.decode("ascii", "replace").strip().partition(" ")
+            throttle = run.dispatcher.throttle
+            if msg_id == "pause" and isinstance(throttle, _SharedThrottle):
+                throttle.seen_elsewhere(source)
+                continue
             if not ID_PATTERN.match(msg_id) or source not in _SOURCES or msg_id in self.held:
                 logger.warning("worker %s: unexpected line %r", self.name, line[:200])
                 continue
