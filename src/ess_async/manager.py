@@ -148,6 +148,10 @@ class Manager:
         self.store_url = store_url(store, self.config)
         self._pg: PostgresStore | None = None
         self._pg_run: PgRun | None = None
+        # A store run, from before its first await: stop() sets _pg_stop (even before
+        # the run exists) and waits for _pg_done.
+        self._pg_stop: asyncio.Event | None = None
+        self._pg_done: asyncio.Event | None = None
         if spawn is not None and (not isinstance(spawn, int) or spawn < 1):
             raise ValueError(f"spawn must be a positive integer, not {spawn!r}")
         self.spawn = spawn or self.config.server.spawn
@@ -1004,12 +1008,27 @@ class Manager:
                 return
             await asyncio.sleep(_PRUNE_SECONDS)
 
-    async def _deliver_from_store(self, *, drain: bool, handle_signals: bool
-                                  ) -> WorkloadSummary:
+    def _pg_begin(self) -> None:
+        if self._pg_done is not None and not self._pg_done.is_set():
+            raise EssError("this manager is already delivering")
+        self._pg_stop, self._pg_done = asyncio.Event(), asyncio.Event()
+
+    async def _deliver_from_store(self, *, drain: bool, handle_signals: bool,
+                                  begun: bool = False) -> WorkloadSummary:
         """A deliverer of the PostgreSQL store (any number run on any hosts; no
         workspace lock: leases keep them apart)."""
-        if self._pg_run is not None:
-            raise EssError("this manager is already delivering")
+        if not begun:
+            self._pg_begin()
+        stop_event, done = self._pg_stop, self._pg_done
+        assert stop_event is not None and done is not None
+        try:
+            return await self._deliver_store_run(stop_event, drain=drain,
+                                                 handle_signals=handle_signals)
+        finally:
+            done.set()
+
+    async def _deliver_store_run(self, stop_event: asyncio.Event, *, drain: bool,
+                                 handle_signals: bool) -> WorkloadSummary:
         store = self.pg_store
         await store.migrate()
         await store.open()
@@ -1024,6 +1043,7 @@ class Manager:
         run = self._pg_run = PgRun(store, delivery, pool, spawn=self.spawn,
                                    lease=self.config.store.lease,
                                    grace=self.config.server.grace, clock=self.clock)
+        run.stop_event = stop_event  # stop() may have been called already
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         try:
@@ -1124,8 +1144,8 @@ class Manager:
 
     async def stop(self) -> None:
         """Stop delivering gracefully: in-flight sends finish, the rest stays queued."""
-        if self._pg_run is not None:
-            self._pg_run.stop_event.set()
+        if self._pg_stop is not None:
+            self._pg_stop.set()
         run = self._run
         if run is not None:
             run.stop_event.set()
@@ -1134,14 +1154,17 @@ class Manager:
             await task
         elif run is not None:
             await run.closed.wait()  # delegate_workload or process_workload in another task
+        elif self._pg_done is not None:
+            await self._pg_done.wait()  # the same, from the PostgreSQL store
         await self.flush_events(self.config.server.grace)
 
     # -- embedding -------------------------------------------------------------------
 
     async def __aenter__(self) -> Manager:
         if self.store_url:
+            self._pg_begin()  # now: a stop() before the task starts must reach it
             self._serve_task = asyncio.create_task(
-                self._deliver_from_store(drain=False, handle_signals=False))
+                self._deliver_from_store(drain=False, handle_signals=False, begun=True))
             return self
         run = await self._open_run()
         self._serve_task = asyncio.create_task(self._serve(run, handle_signals=False))

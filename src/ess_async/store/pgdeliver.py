@@ -129,6 +129,7 @@ class PgDelivery(Delivery):
         msg_id: str = row["id"]
         self.tokens[msg_id] = row["lease_token"]
         self.claimed[msg_id] = None
+        cancelled = False
         try:
             try:
                 record: dict[str, Any] = orjson.loads(row["record"])
@@ -143,10 +144,19 @@ class PgDelivery(Delivery):
             if "expires_at" in record and is_expired(record, self.clock()):
                 return await self._finish(self._expired(record))  # never sent
             return await self._attempt(record, transport)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             if self.claimed.get(msg_id) is None:
                 self.claimed.pop(msg_id, None)
+                token = self.tokens.get(msg_id)
                 self._release(msg_id)
+                if cancelled and token is not None:
+                    # Stopped at the grace deadline: if nothing was written for this
+                    # claim (no data sent), the run's end gives it back (a no-op if
+                    # its outcome was written meanwhile).
+                    self.tokens[msg_id] = token
 
     async def _attempt(self, record: dict[str, Any], transport: Transport) -> str:
         self.records[record["id"]] = record
@@ -231,8 +241,16 @@ class PgRun:
         self.senders: list[asyncio.Task[None]] = []
         self.poll = min(1.0, lease / 3)
         self.claiming_done = False
+        self.drain = False
+        self._events = 0  # the throttle's push-back and relay-down events at the start
 
     # -- claims ------------------------------------------------------------------------
+
+    def _held_back(self) -> bool:
+        """A ``process`` pass (drain) ends once the relay pushed back or was down: what
+        is left stays queued for the next run (as with the file store), rather than
+        being claimed again and again while the relay is down."""
+        return self.drain and self.delivery.throttle.events > self._events
 
     def _wanted(self) -> int:
         # In flight plus one batch waiting: enough to keep every sender busy, few
@@ -249,7 +267,7 @@ class PgRun:
 
     async def _claimer(self, *, drain: bool) -> None:
         delay = 0.5
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and not self._held_back():
             self.slot_free.clear()
             self.store.work_event.clear()
             want = self._wanted()
@@ -258,7 +276,7 @@ class PgRun:
                 try:
                     got = await self._claim(want)
                     delay = 0.5
-                except StoreUnavailable as exc:
+                except Exception as exc:  # the database went away, a cancelled query
                     logger.error("cannot claim: %s; retrying in %.1f s", exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
@@ -283,8 +301,10 @@ class PgRun:
         throttle = self.delivery.throttle
         while True:
             row = await self.queue.get()
-            if row is None:
-                return
+            if row is None or self.stop_event.is_set():
+                return  # stopping: claims not started are given back at the run's end
+            if self._held_back():
+                continue  # not started: the run's end gives the claim back
             task = asyncio.current_task()
             assert task is not None
             self.busy.add(task)
@@ -306,16 +326,20 @@ class PgRun:
     # -- leases ------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        interval = self.lease / 3
+        delay = interval
         while True:
-            await asyncio.sleep(self.lease / 3)
+            await asyncio.sleep(delay)
+            delay = interval
             tokens = list(self.delivery.tokens.values())
             if not tokens:
                 continue
             try:
                 kept = {r["lease_token"] for r in await self.store.fetch("renew", self.lease,
                                                                          tokens)}
-            except StoreUnavailable as exc:
+            except Exception as exc:  # any error: the heartbeat must outlive it
                 logger.error("cannot renew leases: %s", exc)
+                delay = min(interval, 1.0)  # try again soon: the leases are running out
                 continue
             lost = [i for i, t in self.delivery.tokens.items() if t in tokens and t not in kept]
             if lost:
@@ -354,7 +378,7 @@ class PgRun:
         while True:
             try:
                 await self.reap()
-            except StoreUnavailable as exc:
+            except Exception as exc:
                 logger.error("cannot reap expired leases: %s", exc)
             await asyncio.sleep(self.poll)
 
@@ -362,7 +386,10 @@ class PgRun:
         while True:
             await asyncio.sleep(1.0)
             if self.delivery.unsettled:
-                await self.delivery.retry_unsettled()
+                try:
+                    await self.delivery.retry_unsettled()
+                except Exception as exc:
+                    logger.error("cannot record accepted messages yet: %s", exc)
 
     async def _pool_reaper(self) -> None:
         while True:
@@ -374,7 +401,16 @@ class PgRun:
 
     async def run(self, *, drain: bool) -> WorkloadSummary:
         """Deliver until ``stop_event`` (or, with ``drain``, until nothing is due)."""
+        self.drain = drain
+        self._events = self.delivery.throttle.events
         await self.store.listen()
+        if drain:
+            # A pass delivers what is due now, expired claims included: settle them
+            # first (the reaper would race the claimer's first, and last, empty claim).
+            try:
+                await self.reap()
+            except Exception as exc:
+                logger.error("cannot reap expired leases: %s", exc)
         helpers = [asyncio.create_task(self._heartbeat()),
                    asyncio.create_task(self._reaper()),
                    asyncio.create_task(self._settler()),
@@ -407,6 +443,8 @@ class PgRun:
         for task in self.senders:
             if task not in self.busy:
                 task.cancel()  # idle: holding nothing
+        for _ in self.senders:
+            self.queue.put_nowait(None)  # a busy one ends when its send does
         in_flight = [t for t in self.senders if t in self.busy and not t.done()]
         if in_flight:
             logger.info("waiting up to %.0fs for %d in-flight sends", self.grace,
@@ -431,7 +469,7 @@ class PgRun:
                 for msg_id, token in held.items():
                     await conn.execute(self.store.sql["requeue"], msg_id, token)
                 await conn.execute("SELECT pg_notify($1, '')", self.store.work_channel)
-        except StoreUnavailable as exc:
+        except Exception as exc:
             logger.error("cannot give back %d claim(s) (%s): they return when their "
                          "leases expire", len(held), exc)
         for msg_id in held:

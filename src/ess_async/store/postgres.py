@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
@@ -46,12 +46,17 @@ _T = TypeVar("_T")
 
 
 def masked_url(url: str) -> str:
-    """The URL without any password, for logs and status."""
+    """The URL without any password (in its user part or its query), for logs and
+    status."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    if "password" in parts.query.lower():
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        parts = parts._replace(query=urlencode(
+            [(k, "***" if k.lower() == "password" else v) for k, v in query], safe="*"))
+    return urlunsplit(parts)
 
 
 @functools.cache
