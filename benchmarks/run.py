@@ -18,7 +18,10 @@ Starts its own sink process (benchmarks/sink.py, 127.0.0.1 only) and measures
    and with ``--processes 1`` and ``2`` (issue 12 part 2), start to the last message at
    the sink (interpreter start-ups included) and steady msgs/s (first to last message);
    ``--processes-only`` runs these alone;
-7. ``--scale N`` alone (e.g. ``--scale 1000000``; off by default, it takes minutes): a
+7. the PostgreSQL store (``benchmarks/postgres.py``, fsync and synchronous_commit on;
+   skipped without PostgreSQL's server binaries): 50 concurrent create_work callers, a
+   backlog drained by 1 and by 3 ``serve --store`` processes, peak connections;
+8. ``--scale N`` alone (e.g. ``--scale 1000000``; off by default, it takes minutes): a
    backlog of N served (``async with Manager``, as ``serve`` does) for ``--window``
    seconds, then a forced rescan, beside a 1k backlog served the same way in the same
    run: time to first delivery, the largest gap of a 10 ms ticker during start-up and
@@ -828,6 +831,12 @@ def main() -> int:
         results["scale"] = [timed(f"scale {s}", lambda s=s: scale(base, sink, s, 16))
                             for s in scales]
         results["processes"] = processes_cases(base, sink, n, repeats)
+        # The PostgreSQL store (issue 12 part 4): its own cluster, fsync on. It uses this
+        # module's sink and checks: the same module, not a second copy named "run".
+        sys.modules.setdefault("run", sys.modules[__name__])
+        import postgres
+
+        results["postgres"] = timed("postgres", lambda: postgres.bench(base, sink, n))
     finally:
         sink.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -936,6 +945,13 @@ def report(r: dict[str, Any]) -> None:
     rows += [(processes_label(p).partition(": ")[0] + f" (spawn {p['spawn']})",
               processes_label(p).partition(": ")[2], "", disk(p))
              for p in r.get("processes", [])]
+    pg = r.get("postgres", {})
+    if "skipped" in pg:
+        rows.append(("PostgreSQL store", f"skipped: {pg['skipped']}", "", ""))
+    for name, v in ({} if "skipped" in pg else pg).items():
+        conns = v.get("peak connections", v.get("connections"))
+        rows.append((f"PostgreSQL store: {name}", f"{v['msgs/s']:,.0f} ({conns} connections)",
+                     cpu(v), ""))
     rows += [(f"scale {s['n']:,} (spawn {s['spawn']})",
               f"start {s['start s']:.2f}s (scan {s['scan s']:.2f}s) / {s['msgs/s']:,.0f} "
               f"msgs/s / peak RSS {s['peak RSS MB']:.0f} MB", cpu(s), disk(s))
