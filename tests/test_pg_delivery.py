@@ -224,3 +224,43 @@ async def test_retention_runs_on_the_postgres_deliverer(tmp_path, smtp_server, p
         assert (await m.counts())["passed"] == 2
     finally:
         await m.pg_store.close()
+
+
+async def test_an_unknown_database_is_a_configuration_error(tmp_path, smtp_server, pg_url):
+    wrong = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    m = _manager(tmp_path, smtp_server, wrong)
+    with pytest.raises(StoreError, match="no_such_database") as caught:
+        await m.create_work(to="a@example.com", body="x")
+    assert not isinstance(caught.value, StoreUnavailable)
+
+
+def test_the_sync_client_enqueues_and_closes(tmp_path, smtp_server, pg_url):
+    import asyncio as aio
+    import threading
+
+    from ess_async import Client
+
+    async def migrate() -> None:
+        store = PostgresStore(pg_url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    aio.run(migrate())
+    before = threading.active_count()
+    with Client(tmp_path / "ws", config=make_config(smtp_server.port), store=pg_url) as c:
+        ids = [c.create_work(to=f"u{i}@example.com", body="x") for i in range(5)]
+        again = c.create_work(to="a@example.com", body="x", idempotency_key="k")
+        assert c.create_work(to="a@example.com", body="y", idempotency_key="k") == again
+    assert all(isinstance(i, str) for i in ids)
+    assert threading.active_count() == before  # its thread has ended
+
+    async def counts() -> dict[str, int]:
+        store = PostgresStore(pg_url)
+        try:
+            return await store.counts()
+        finally:
+            await store.close()
+
+    assert aio.run(counts())["queued"] == 6

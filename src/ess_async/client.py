@@ -39,6 +39,7 @@ class Client:
         self.store_url = store_url(store, self.config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._store: PostgresStore | None = None
+        self._thread: threading.Thread | None = None
         self._start = threading.Lock()
         self.spool = Spool(self.workspace, max_size=self.config.server.max_message_size)
         self._enqueuer = Enqueuer(self.spool)
@@ -77,8 +78,9 @@ class Client:
         with self._start:
             if self._store is None:
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="ess-async-client",
-                                 daemon=True).start()
+                self._thread = threading.Thread(target=loop.run_forever,
+                                                name="ess-async-client", daemon=True)
+                self._thread.start()
                 settings = self.config.store
                 password = (os.environ.get(settings.password_env)
                             if settings.password_env else None)
@@ -94,11 +96,13 @@ class Client:
     def close(self) -> None:
         """Close the store's connections and thread (PostgreSQL store; else nothing)."""
         with self._start:
-            store, loop = self._store, self._loop
-            self._store = self._loop = None
-        if store is not None and loop is not None:
+            store, loop, thread = self._store, self._loop, self._thread
+            self._store = self._loop = self._thread = None
+        if store is not None and loop is not None and thread is not None:
             asyncio.run_coroutine_threadsafe(store.close(), loop).result()
             loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
 
     def __enter__(self) -> Client:
         return self

@@ -92,7 +92,8 @@ def _unavailable(exc: BaseException) -> bool:
     asyncpg = _import_asyncpg()
     return isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.PostgresConnectionError
                       | asyncpg.CannotConnectNowError | asyncpg.InterfaceError
-                      | asyncpg.ConnectionDoesNotExistError)
+                      | asyncpg.ConnectionDoesNotExistError | asyncpg.TooManyConnectionsError
+                      | asyncpg.AdminShutdownError)
 
 
 class PostgresStore(Store):
@@ -151,9 +152,13 @@ class PostgresStore(Store):
                     self.url, password=self._password, min_size=1,
                     max_size=self._pool_size, command_timeout=60)
             except Exception as exc:
-                if _unavailable(exc) or isinstance(exc, asyncpg.PostgresError):
+                if _unavailable(exc):
                     raise StoreUnavailable(f"cannot connect to {masked_url(self.url)}: "
                                            f"{exc}") from None
+                if isinstance(exc, asyncpg.PostgresError):
+                    # A wrong password, an unknown database or role: the configuration,
+                    # not an outage (retrying would never help).
+                    raise StoreError(f"cannot use {masked_url(self.url)}: {exc}") from None
                 raise
             self._pool = pool
             if check_schema:
