@@ -13,7 +13,8 @@ from ess_async.config import RetryConfig
 from ess_async.errors import MessageError, StoreError, StoreUnavailable
 from ess_async.pool import TransportPool
 from ess_async.retry import RetryPolicy
-from ess_async.store.pgdeliver import PgDelivery, PgRun
+from ess_async.store.pgdeliver import PgDelivery
+from ess_async.store.pgrun import PgRun
 from ess_async.store.postgres import PostgresStore, masked_url
 
 from .conftest import FakeClock, SMTPServer, make_config

@@ -35,7 +35,7 @@ from .config import (
 from .delivery import WorkItem, WorkloadSummary
 from .dkim import DkimSigner
 from .enqueue import Enqueuer, GroupCommit, Prepared, prepare
-from .errors import ConfigError, EssError, MessageNotFound, StoreError
+from .errors import ConfigError, EssError, MessageNotFound
 from .events import EventBus, Webhook, callback_sink, event_kind, make_event
 from .identity import check_ehlo_name
 from .journal import Journal, replay
@@ -50,7 +50,8 @@ from .sender import _INLINE_BYTES, Dispatcher
 from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
 from .store import Store
 from .store.file import FileStore
-from .store.pgdeliver import PgDelivery, PgRun
+from .store.pgdeliver import PgDelivery
+from .store.pgrun import PgRun, deliver_from_store
 from .store.postgres import PostgresStore
 from .suppression import SuppressionList
 from .throttle import Throttle
@@ -988,26 +989,6 @@ class Manager:
             return await self._deliver_from_store(drain=False, handle_signals=handle_signals)
         return await self._serve(await self._open_run(), handle_signals=handle_signals)
 
-    async def _retain_in_store(self, *, once: bool) -> None:
-        """``[server] keep_*`` retention on the PostgreSQL store, as the file store's
-        (``prune``): at the start, then every few minutes (any deliverer may run it)."""
-        server = self.config.server
-        while True:
-            for state, days, count in (("passed", server.keep_passed_days, server.keep_passed),
-                                       ("failed", server.keep_failed_days, server.keep_failed)):
-                if days or count:
-                    try:
-                        removed = await self.pg_store.purge(
-                            state, days * 86400 if days else None, keep=count)
-                    except StoreError as exc:
-                        logger.error("retention: %s", exc)
-                    else:
-                        if removed:
-                            logger.info("retention removed %d old record(s)", removed)
-            if once:
-                return
-            await asyncio.sleep(_PRUNE_SECONDS)
-
     def _pg_begin(self) -> None:
         if self._pg_done is not None and not self._pg_done.is_set():
             raise EssError("this manager is already delivering")
@@ -1029,44 +1010,8 @@ class Manager:
 
     async def _deliver_store_run(self, stop_event: asyncio.Event, *, drain: bool,
                                  handle_signals: bool) -> WorkloadSummary:
-        store = self.pg_store
-        await store.migrate()
-        await store.open()
-        smtp = self.config.transport.smtp
-        throttle = Throttle(smtp.max_connections or self.spawn,
-                            max_per_second=smtp.max_per_second)
-        delivery = PgDelivery(store, self.policy, clock=self.clock, rand=self.rand,
-                              throttle=throttle)
-        delivery.on_event = self._on_outcome
-        delivery.signer = DkimSigner.from_config(self.config.dkim, self.workspace)
-        pool = TransportPool(self._transport_factory, idle_timeout=smtp.idle_timeout)
-        run = self._pg_run = PgRun(store, delivery, pool, spawn=self.spawn,
-                                   lease=self.config.store.lease,
-                                   grace=self.config.server.grace, clock=self.clock)
-        run.stop_event = stop_event  # stop() may have been called already
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        try:
-            if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                        loop.add_signal_handler(sig, run.stop_event.set)
-                        installed.append(sig)
-            logger.info("delivering from %r with %d senders", store, self.spawn)
-            retention = asyncio.create_task(self._retain_in_store(once=drain))
-            try:
-                return await run.run(drain=drain)
-            finally:
-                retention.cancel()
-                await asyncio.gather(retention, return_exceptions=True)
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            if delivery.signer is not None:
-                delivery.signer.close()
-            delivery.stats.close()
-            self._pg_run = None
-            await self.flush_events(self.config.server.grace)
+        return await deliver_from_store(self, stop_event, drain=drain,
+                                        handle_signals=handle_signals)
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
         loop = asyncio.get_running_loop()
