@@ -69,8 +69,10 @@ class GroupWrite:
         while self._staged:
             batch, self._staged = self._staged, []
             try:
-                async with self.store.transaction() as conn:
-                    written = await self.statement(conn, [row for row, _ in batch])
+                # No explicit transaction: the write is one statement (atomic on its
+                # own), so one round trip, not BEGIN + statement + COMMIT.
+                written = await self.store.run(
+                    functools.partial(self._apply, [row for row, _ in batch]))
             except Exception as exc:
                 error = exc if isinstance(exc, OSError) else StoreUnavailable(
                     f"cannot write to the PostgreSQL store: {exc}")
@@ -79,6 +81,9 @@ class GroupWrite:
             else:
                 for row, future in batch:
                     future.set_result(row[0] in written)
+
+    async def _apply(self, rows: list[tuple[Any, ...]], conn: Any) -> set[str]:
+        return await self.statement(conn, rows)
 
     async def drain(self) -> None:
         if self._committer is not None:
