@@ -315,6 +315,14 @@ class PostgresStore(Store):
                     strict=True):
                 col.append(value)
         resolved: dict[str, str] = {}
+        if not first:
+            # One statement, atomic and durable on its own: one round trip to commit
+            # (the notification follows the commit; a lost one is covered by polling).
+            async def insert(conn: Any) -> None:
+                if await conn.fetch(self.sql["enqueue"], *cols):
+                    await conn.execute("SELECT pg_notify($1, '')", self.work_channel)
+            await self.run(insert)
+            return [p.record["id"] for p in batch]
         async with self.transaction() as conn:
             inserted = {r["id"] for r in await conn.fetch(self.sql["enqueue"], *cols)}
             for key, msg_id in first.items():
