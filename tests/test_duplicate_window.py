@@ -177,10 +177,10 @@ async def test_two_waits_on_one_id_are_both_woken(tmp_path: Path,
     second = asyncio.create_task(manager.wait(path, timeout=10))
     with pytest.raises(TimeoutError):
         await manager.wait(path, timeout=0.05)
-    assert path.stem in manager._waiters  # the second caller is still registered
+    assert path.stem in manager.file_store._waiters  # the second caller is still registered
     await manager.process_workload()
     assert (await second).state == "passed"
-    assert manager._waiters == {}
+    assert manager.file_store._waiters == {}
 
 
 async def test_idle_stop_does_not_claim_in_flight_sends(

@@ -16,7 +16,6 @@ import math
 import os
 import random
 import re
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -35,7 +34,7 @@ from .config import (
 from .delivery import WorkItem, WorkloadSummary
 from .dkim import DkimSigner
 from .enqueue import Enqueuer, GroupCommit, Prepared, prepare
-from .errors import ConfigError, EssError, MessageNotFound
+from .errors import ConfigError, EssError
 from .events import EventBus, Webhook, callback_sink, event_kind, make_event
 from .identity import check_ehlo_name
 from .journal import Journal, replay
@@ -43,11 +42,12 @@ from .limits import DomainLimiter, domains_of
 from .lock import WorkspaceLock
 from .metrics import LAST_ERROR_NAME, MetricsServer
 from .ops import QueueOps
-from .outcome import Outcome, message_id
+from .outcome import Outcome
 from .pool import TransportPool
 from .retry import RetryPolicy
 from .sender import _INLINE_BYTES, Dispatcher
-from .spool import FINAL_STATES, ID_PATTERN, CorruptRecord, Spool, priority_rank
+from .signals import stop_on_signals
+from .spool import ID_PATTERN, CorruptRecord, Spool, priority_rank
 from .store import Store
 from .store.file import FileStore
 from .store.pgdeliver import PgDelivery
@@ -181,7 +181,6 @@ class Manager:
         self.workers: list[asyncio.Task[None]] = []
         self._commit = GroupCommit(Enqueuer(self.spool)).commit
         self.last_recovery: dict[str, int] = {}
-        self._waiters: dict[str, set[asyncio.Event]] = {}
         # Issue 14: HOST:PORT of /metrics and /healthz while delivering ("" = off; the
         # CLI's serve --metrics sets it), and the server while it runs.
         self.metrics_listen = self.config.server.metrics
@@ -309,13 +308,16 @@ class Manager:
                 self._emit("queued", record)
         return msg_id
 
-    @functools.cached_property
+    @property
     def store(self) -> Store:
         """Where this manager's messages live: the workspace's ``FileStore``, or the
         ``PostgresStore`` of its store URL. Its queue operations are async and work on
         either (``await manager.store.hold(message)``)."""
-        if self.store_url:
-            return self.pg_store
+        return self.pg_store if self.store_url else self.file_store
+
+    @functools.cached_property
+    def file_store(self) -> FileStore:
+        """The workspace's spool folders as a ``Store``."""
         return FileStore(self.workspace, clock=self.clock,
                          max_size=self.config.server.max_message_size)
 
@@ -366,39 +368,9 @@ class Manager:
         if self.store_url:
             await self.pg_store.listen()
             return await self.pg_store.wait(message, timeout=timeout)
-        msg_id = message_id(str(message))
-        event = asyncio.Event()  # one per caller: two waits on one id are both woken
-        self._waiters.setdefault(msg_id, set()).add(event)
-        delay = 0.005
-        misses = 0
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    event.clear()
-                    found = self.spool.find(msg_id)
-                    if found is None:
-                        misses += 1  # it may be between two folders: look again first
-                        if misses > 3:
-                            raise MessageNotFound(msg_id)
-                    elif found[0] in FINAL_STATES:
-                        return self._outcome(*found)
-                    else:
-                        misses = 0
-                    # Woken at once by this manager's senders, or by polling for others.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(event.wait(), delay)
-                    delay = min(delay * 2, 0.5)
-        finally:
-            events = self._waiters.get(msg_id)
-            if events is not None:
-                events.discard(event)
-                if not events:
-                    del self._waiters[msg_id]
-
-    def _outcome(self, state: str, path: Path) -> Outcome:
-        if state == "corrupt":
-            return Outcome(id=path.stem, state=state, path=path)
-        return Outcome.from_record(state, path, self.spool.read(path))
+        # The file store polls for other processes; this manager's senders wake it at
+        # once (``_finished``).
+        return await self.file_store.wait(message, timeout=timeout)
 
     # -- opening and closing a delivery run ------------------------------------------
 
@@ -695,8 +667,7 @@ class Manager:
 
     def _finished(self, run: _Run, msg_id: str) -> None:
         run.domains.pop(msg_id, None)  # a deferred one may have fewer recipients now
-        for waiter in self._waiters.get(msg_id, ()):
-            waiter.set()
+        self.file_store.wake((msg_id,))
         self._maybe_compact(run)
 
     def _maybe_compact(self, run: _Run) -> None:
@@ -1014,49 +985,41 @@ class Manager:
                                         handle_signals=handle_signals)
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
         try:
-            if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                        loop.add_signal_handler(sig, run.stop_event.set)
-                        installed.append(sig)
-            watch_stop = asyncio.Event()
-            run.live = True
-            helpers = [asyncio.create_task(self._watch_queued(run, watch_stop)),
-                asyncio.create_task(watch_queued(
-                    self.spool.dir("scheduled"),
-                    lambda ids: self._load_waiting(run, "scheduled", ids), watch_stop,
-                    on_ready=lambda: self._load_waiting(run, "scheduled"))),
-                asyncio.create_task(self._timers(run)),
-                asyncio.create_task(self._rescan(run)),
-                asyncio.create_task(self._settler(run)),
-                asyncio.create_task(self._reaper(run)),
-                asyncio.create_task(self._unparker(run))]
-            if self.processes:  # senders in worker processes, fed from here
-                self._pool = workers.WorkerPool(self, run)
-                await self._pool.start()
-            else:
-                self.workers = [asyncio.create_task(self._sender(run, drain=False))
-                                for _ in range(self.spawn)]
-            await self._load_waiting(run, "deferred")
-            await self._load_waiting(run, "scheduled")
-            await self._scan_queued(run)
-            logger.info("delivering %s with %d senders%s", self.workspace, self.spawn,
-                        f" in each of {self.processes} processes" if self.processes else "")
-            await self._start_metrics()
-            await run.stop_event.wait()
-            run.live = False
-            watch_stop.set()
-            if self._pool is not None:
-                await self._pool.stop()  # SIGTERM: each finishes within grace
-            await self._shutdown(run, helpers)
-            return run.dispatcher.summary
+            with stop_on_signals(run.stop_event.set, enabled=handle_signals):
+                watch_stop = asyncio.Event()
+                run.live = True
+                helpers = [asyncio.create_task(self._watch_queued(run, watch_stop)),
+                    asyncio.create_task(watch_queued(
+                        self.spool.dir("scheduled"),
+                        lambda ids: self._load_waiting(run, "scheduled", ids), watch_stop,
+                        on_ready=lambda: self._load_waiting(run, "scheduled"))),
+                    asyncio.create_task(self._timers(run)),
+                    asyncio.create_task(self._rescan(run)),
+                    asyncio.create_task(self._settler(run)),
+                    asyncio.create_task(self._reaper(run)),
+                    asyncio.create_task(self._unparker(run))]
+                if self.processes:  # senders in worker processes, fed from here
+                    self._pool = workers.WorkerPool(self, run)
+                    await self._pool.start()
+                else:
+                    self.workers = [asyncio.create_task(self._sender(run, drain=False))
+                                    for _ in range(self.spawn)]
+                await self._load_waiting(run, "deferred")
+                await self._load_waiting(run, "scheduled")
+                await self._scan_queued(run)
+                logger.info("delivering %s with %d senders%s", self.workspace, self.spawn,
+                            f" in each of {self.processes} processes" if self.processes else "")
+                await self._start_metrics()
+                await run.stop_event.wait()
+                run.live = False
+                watch_stop.set()
+                if self._pool is not None:
+                    await self._pool.stop()  # SIGTERM: each finishes within grace
+                await self._shutdown(run, helpers)
+                return run.dispatcher.summary
         finally:
             await self._stop_metrics()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
             for task in self.workers:
                 task.cancel()
             await asyncio.gather(*self.workers, return_exceptions=True)

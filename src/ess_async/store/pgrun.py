@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from ..delivery import WorkloadSummary
 from ..dkim import DkimSigner
 from ..errors import StoreError, StoreUnavailable
 from ..pool import TransportPool
+from ..signals import stop_on_signals
 from ..throttle import Throttle
 from .pgdeliver import PgDelivery, _settle_row, settle_rows
 from .postgres import PostgresStore
@@ -313,24 +313,17 @@ async def deliver_from_store(manager: Manager, stop_event: asyncio.Event, *, dra
                                   lease=manager.config.store.lease,
                                   grace=manager.config.server.grace, clock=manager.clock)
     run.stop_event = stop_event  # stop() may have been called already
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
     try:
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, run.stop_event.set)
-                    installed.append(sig)
-        logger.info("delivering from %r with %d senders", store, manager.spawn)
-        retention = asyncio.create_task(retain(store, manager.config.server, once=drain))
-        try:
-            return await run.run(drain=drain)
-        finally:
-            retention.cancel()
-            await asyncio.gather(retention, return_exceptions=True)
+        with stop_on_signals(run.stop_event.set, enabled=handle_signals):
+            logger.info("delivering from %r with %d senders", store, manager.spawn)
+            retention = asyncio.create_task(retain(store, manager.config.server,
+                                                   once=drain))
+            try:
+                return await run.run(drain=drain)
+            finally:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         if delivery.signer is not None:
             delivery.signer.close()
         delivery.stats.close()
