@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import MessageError
+from .batching import Batcher
+from .errors import MessageError, SpoolError
 from .expiry import parse_expiry
 from .faults import crash_point
 from .imported import import_message
@@ -132,33 +133,13 @@ class GroupCommit:
 
     def __init__(self, enqueuer: Enqueuer) -> None:
         self.enqueuer = enqueuer
-        self._pending: list[tuple[Prepared, asyncio.Future[Path]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._batcher: Batcher[Prepared, Path] = Batcher(self._write)
 
     async def commit(self, prepared: Prepared) -> Path:
         if prepared.key_hash is not None:
             return await asyncio.to_thread(self.enqueuer.commit, prepared)
-        future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
-        self._pending.append((prepared, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return await self._batcher.submit(prepared)
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                results = await asyncio.to_thread(
-                    self.enqueuer.spool.write_many, [(p.state, p.record) for p, _ in batch])
-            except BaseException as exc:  # a bug or a cancellation: fail them all, loudly
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                raise
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+    async def _write(self, batch: list[Prepared]) -> list[Path | SpoolError]:
+        return await asyncio.to_thread(self.enqueuer.spool.write_many,
+                                       [(p.state, p.record) for p in batch])

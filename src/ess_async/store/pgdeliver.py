@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from ..batching import Batcher
 from ..delivery import Delivery
 from ..errors import StoreUnavailable
 from ..expiry import is_expired
@@ -47,7 +48,7 @@ def _settle_row(record: dict[str, Any], token: uuid.UUID, raw: str | None, now: 
 
 
 class GroupWrite:
-    """Rows written by concurrent callers in one transaction: ``write(row)`` returns
+    """Rows written by concurrent callers in one statement: ``write(row)`` returns
     whether the row was written (False: its claim's lease was lost), once committed."""
 
     def __init__(self, store: PostgresStore,
@@ -55,39 +56,27 @@ class GroupWrite:
                  ) -> None:
         self.store = store
         self.statement = statement
-        self._staged: list[tuple[tuple[Any, ...], asyncio.Future[bool]]] = []
-        self._committer: asyncio.Future[None] | None = None
+        self._batcher: Batcher[tuple[Any, ...], bool] = Batcher(self._write)
 
     async def write(self, row: tuple[Any, ...]) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._staged.append((row, future))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.ensure_future(self._commit())
-        return await asyncio.shield(future)
+        return await self._batcher.submit(row)
 
-    async def _commit(self) -> None:
-        while self._staged:
-            batch, self._staged = self._staged, []
-            try:
-                # No explicit transaction: the write is one statement (atomic on its
-                # own), so one round trip, not BEGIN + statement + COMMIT.
-                written = await self.store.run(
-                    functools.partial(self._apply, [row for row, _ in batch]))
-            except Exception as exc:
-                error = exc if isinstance(exc, OSError) else StoreUnavailable(
-                    f"cannot write to the PostgreSQL store: {exc}")
-                for _, future in batch:
-                    future.set_exception(error)
-            else:
-                for row, future in batch:
-                    future.set_result(row[0] in written)
+    async def _write(self, rows: list[tuple[Any, ...]]) -> list[bool]:
+        try:
+            # No explicit transaction: the write is one statement (atomic on its own),
+            # so one round trip, not BEGIN + statement + COMMIT.
+            written = await self.store.run(functools.partial(self._apply, rows))
+        except OSError:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot write to the PostgreSQL store: {exc}") from exc
+        return [row[0] in written for row in rows]
 
     async def _apply(self, rows: list[tuple[Any, ...]], conn: Any) -> set[str]:
         return await self.statement(conn, rows)
 
     async def drain(self) -> None:
-        if self._committer is not None:
-            await asyncio.gather(self._committer, return_exceptions=True)
+        await self._batcher.drain()
 
 
 async def settle_rows(conn: Any, rows: list[tuple[Any, ...]], *, store: PostgresStore

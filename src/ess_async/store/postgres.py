@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
+from ..batching import Batcher
 from ..enqueue import Prepared
 from ..errors import MessageNotFound, StoreError, StoreUnavailable
 from ..ops import MessageInfo
@@ -124,8 +125,7 @@ class PostgresStore(Store):
         self.work_channel = f"{schema}_work"
         self.done_channel = f"{schema}_done"
         # Enqueue group commit.
-        self._pending: list[tuple[Prepared, asyncio.Future[str]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._enqueues: Batcher[Prepared, str] = Batcher(self._insert)
         # The listening connection, fanned out to waiters.
         self._listener: Any = None
         self._listen_task: asyncio.Task[None] | None = None
@@ -179,9 +179,7 @@ class PostgresStore(Store):
             with contextlib.suppress(BaseException):
                 await self._listen_task
             self._listen_task = None
-        if self._flusher is not None:
-            with contextlib.suppress(BaseException):
-                await self._flusher
+        await self._enqueues.drain()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             with contextlib.suppress(Exception):
@@ -191,28 +189,25 @@ class PostgresStore(Store):
     async def run(self, work: Callable[[Any], Awaitable[_T]]) -> _T:
         """``work(connection)`` on a pooled connection; a lost database raises
         StoreUnavailable."""
-        if self._pool is None:
-            await self.open()
-        try:
-            async with self._pool.acquire() as conn:
-                return await work(conn)
-        except StoreError:
-            raise
-        except Exception as exc:
-            if _unavailable(exc):
-                raise StoreUnavailable(f"PostgreSQL store unavailable: {exc}") from None
-            raise
+        async with self.transaction(atomic=False) as conn:
+            return await work(conn)
 
     async def fetch(self, name: str, *args: Any) -> list[Any]:
         return await self.run(lambda conn: conn.fetch(self.sql[name], *args))
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Any]:
+    async def transaction(self, *, atomic: bool = True) -> AsyncIterator[Any]:
+        """A pooled connection in a transaction (``atomic=False``: each statement
+        commits on its own); a lost database raises StoreUnavailable."""
         if self._pool is None:
             await self.open()
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                yield conn
+            async with self._pool.acquire() as conn:
+                if atomic:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
         except StoreError:
             raise
         except Exception as exc:
@@ -273,27 +268,7 @@ class PostgresStore(Store):
         return msg_id
 
     async def enqueue(self, prepared: Prepared) -> MessageRef:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((prepared, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                ids = await self._insert([p for p, _ in batch])
-            except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, future), msg_id in zip(batch, ids, strict=True):
-                if not future.done():
-                    future.set_result(msg_id)
+        return await self._enqueues.submit(prepared)
 
     async def _insert(self, batch: list[Prepared]) -> list[str]:
         """One transaction for the batch; each message's id (the first message's, for a
