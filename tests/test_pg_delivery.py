@@ -265,3 +265,24 @@ def test_the_sync_client_enqueues_and_closes(tmp_path, smtp_server, pg_url):
             await store.close()
 
     assert aio.run(counts())["queued"] == 6
+
+
+async def test_new_work_is_claimed_while_a_slow_send_holds_a_sender(manager, smtp_server):
+    """Review: after a claim that found less than it wanted, the claimer waited for a
+    free sender only, so a message enqueued meanwhile waited for the slow send to end
+    (here: forever) although other senders were idle. NOTIFY now wakes it too."""
+    handler = smtp_server.handler
+    handler.hold = {"DATA"}
+    async with manager:
+        slow = await manager.create_work(to="a@example.com", subject="slow", body="x")
+        assert await asyncio.to_thread(handler.held.wait, 30)
+        quick = await manager.create_work(to="b@example.com", subject="quick", body="x")
+        for _ in range(1000):  # up to ~10 s: claimed long before on any machine
+            if (await manager.store.find(quick))[0] == "active":
+                break
+            await asyncio.sleep(0.01)
+        state = (await manager.store.find(quick))[0]
+        handler.release.set()
+        assert state == "active"  # claimed (and in its DATA) while "slow" still waits
+        assert (await manager.wait(slow, timeout=10)).passed
+        assert (await manager.wait(quick, timeout=10)).passed

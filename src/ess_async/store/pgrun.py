@@ -102,11 +102,12 @@ class PgRun:
                 break
             if got and got == want:
                 continue
-            waits = [asyncio.ensure_future(self.slot_free.wait())]
-            if not got:
-                waits.append(asyncio.ensure_future(self.store.work_event.wait()))
-            _, pending = await asyncio.wait(waits, timeout=None if got and not drain
-                                            else self.poll,
+            # Claim again when a sender is free, when new work is announced (even after
+            # a partial claim: it may have come since), or at the next poll (deferred
+            # messages come due without a notification).
+            waits = [asyncio.ensure_future(self.slot_free.wait()),
+                     asyncio.ensure_future(self.store.work_event.wait())]
+            _, pending = await asyncio.wait(waits, timeout=self.poll,
                                             return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
