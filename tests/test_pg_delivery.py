@@ -286,3 +286,48 @@ async def test_new_work_is_claimed_while_a_slow_send_holds_a_sender(manager, smt
         assert state == "active"  # claimed (and in its DATA) while "slow" still waits
         assert (await manager.wait(slow, timeout=10)).passed
         assert (await manager.wait(quick, timeout=10)).passed
+
+
+async def test_max_connections_per_domain_on_the_postgres_deliverer(tmp_path, smtp_server,
+                                                                     pg_url):
+    """[limits."one.example"] max_connections = 2 holds for a PostgreSQL deliverer too:
+    a message over the budget is given back until the domain is ready, while another
+    domain uses every sender."""
+    handler = smtp_server.handler
+    handler.delays["DATA"] = 0.05
+    inflight: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    original_rcpt, original_data = handler.handle_RCPT, handler.handle_DATA
+
+    async def handle_rcpt(srv, session, envelope, address, options):  # type: ignore[no-untyped-def]
+        domain = address.rpartition("@")[2]
+        inflight[domain] = inflight.get(domain, 0) + 1
+        peak[domain] = max(peak.get(domain, 0), inflight[domain])
+        return await original_rcpt(srv, session, envelope, address, options)
+
+    async def handle_data(srv, session, envelope):  # type: ignore[no-untyped-def]
+        try:
+            return await original_data(srv, session, envelope)
+        finally:
+            for rcpt in envelope.rcpt_tos:
+                inflight[rcpt.rpartition("@")[2]] -= 1
+
+    handler.handle_RCPT = handle_rcpt  # type: ignore[method-assign]
+    handler.handle_DATA = handle_data  # type: ignore[method-assign]
+    config = make_config(smtp_server.port, server={"spawn": 6},
+                         limits={"one.example": {"max_connections": 2}})
+    m = Manager(tmp_path / "ws", config=config, store=pg_url)
+    await m.pg_store.migrate()
+    try:
+        async with m:
+            ids = []
+            for i in range(12):
+                ids.append(await m.create_work(to=f"o{i}@one.example", subject=f"o{i}"))
+                ids.append(await m.create_work(to=f"t{i}@two.example", subject=f"t{i}"))
+            outcomes = [await m.wait(i, timeout=30) for i in ids]
+        assert all(o.passed and o.attempts == 1 for o in outcomes)
+        assert peak["one.example"] == 2
+        assert peak["two.example"] >= 3
+        assert len(handler.messages) == 24
+    finally:
+        await m.pg_store.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from ..config import ServerConfig
 from ..delivery import WorkloadSummary
 from ..dkim import DkimSigner
 from ..errors import StoreError, StoreUnavailable
+from ..limits import DomainLimiter, domains_of
 from ..pool import TransportPool
 from ..signals import stop_on_signals
 from ..throttle import Throttle
@@ -35,6 +37,7 @@ __all__ = ("PgRun", "deliver_from_store", "retain")
 logger = logging.getLogger("ess_async.store.pgrun")
 
 _PRUNE_SECONDS = 600.0  # retention runs this often while serving
+_SLOT_RETRY = 0.25  # a domain at its max_connections: its message is claimable again then
 
 
 class PgRun:
@@ -123,6 +126,9 @@ class PgRun:
                 return  # stopping: claims not started are given back at the run's end
             if self._held_back():
                 continue  # not started: the run's end gives the claim back
+            domains = await self._within_domain_limits(row)
+            if domains is None:
+                continue  # over a domain's budget: given back until the domain is ready
             task = asyncio.current_task()
             assert task is not None
             self.busy.add(task)
@@ -138,8 +144,37 @@ class PgRun:
                     finally:
                         self.pool.give_back(transport, limit=throttle.limit)
             finally:
+                if domains and self.delivery.limiter is not None:
+                    self.delivery.limiter.release(domains)
                 self.busy.discard(task)
                 self.slot_free.set()
+
+    async def _within_domain_limits(self, row: Any) -> frozenset[str] | None:
+        """Per-domain limits ([limits], per deliverer process): the domains taken for
+        this send (release them after it), or None if one is over its budget: then
+        the claim is given back, due when that domain is ready (not parked here, where
+        it would hold a lease and a place in this process's share of claims)."""
+        limiter = self.delivery.limiter
+        if limiter is None or not limiter.active:
+            return frozenset()
+        try:
+            domains = domains_of(orjson.loads(row["record"])["recipients"])
+        except (ValueError, KeyError, TypeError):
+            return frozenset()  # unreadable: the delivery quarantines it
+        blocked = limiter.blocked(domains)
+        if blocked is None:
+            limiter.acquire(domains)
+            return domains
+        at = blocked[1]
+        wait = _SLOT_RETRY if math.isinf(at) else max(0.05, at - limiter.clock())
+        token = self.delivery.tokens.pop(row["id"], None)
+        if token is not None:
+            try:
+                await self.store.fetch("give_back", row["id"], token, self.clock() + wait)
+            except Exception as exc:  # expires and is reaped instead
+                logger.error("cannot give back message %s: %s", row["id"], exc)
+        self.slot_free.set()
+        return None
 
     # -- leases ------------------------------------------------------------------------
 
@@ -309,6 +344,8 @@ async def deliver_from_store(manager: Manager, stop_event: asyncio.Event, *, dra
                           throttle=throttle)
     delivery.on_event = manager._on_outcome
     delivery.signer = DkimSigner.from_config(manager.config.dkim, manager.workspace)
+    delivery.limiter = DomainLimiter(manager.config.limits,
+                                     default_concurrency=throttle.max_concurrency)
     pool = TransportPool(manager._transport_factory, idle_timeout=smtp.idle_timeout)
     run = manager._pg_run = PgRun(store, delivery, pool, spawn=manager.spawn,
                                   lease=manager.config.store.lease,

@@ -255,3 +255,13 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED)
   AND state = $1
 RETURNING id;
+
+-- name: give_back
+-- A claim not started (its recipient domain is over its budget) goes back where it came
+-- from, claimable from $3.
+UPDATE {schema}.messages
+SET state = CASE WHEN claimed_from = 'deferred' THEN 'deferred' ELSE 'queued' END,
+    due = $3, lease_token = NULL, lease_until = NULL, claimed_by = NULL,
+    claimed_from = NULL, accepted = NULL
+WHERE id = $1 AND state = 'active' AND lease_token = $2 AND accepted IS NULL
+RETURNING id;
