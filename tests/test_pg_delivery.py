@@ -331,3 +331,21 @@ async def test_max_connections_per_domain_on_the_postgres_deliverer(tmp_path, sm
         assert len(handler.messages) == 24
     finally:
         await m.pg_store.close()
+
+
+async def test_delivery_log_on_the_postgres_deliverer(tmp_path, smtp_server, pg_url):
+    import json
+
+    config = make_config(smtp_server.port, server={"delivery_log": True})
+    m = Manager(tmp_path / "ws", config=config, store=pg_url)
+    await m.pg_store.migrate()
+    try:
+        msg_id = await m.create_work(to="a@example.com", subject="logged", body="secret")
+        assert (await m.process_workload()).passed == 1
+    finally:
+        await m.pg_store.close()
+    log = (tmp_path / "ws" / "delivery.log").read_text()
+    [event] = [json.loads(line) for line in log.splitlines()]
+    assert event["id"] == msg_id and event["state"] == "passed" and event["code"] == 250
+    assert "secret" not in log  # never the body
+    assert (tmp_path / "ws" / "delivery.log").stat().st_mode & 0o777 == 0o600

@@ -408,10 +408,7 @@ class Manager:
                                 max_per_second=smtp.max_per_second)
             limiter = DomainLimiter(self.config.limits,
                                     default_concurrency=throttle.max_concurrency)
-            if self.config.server.delivery_log:
-                fd = os.open(self.workspace / "delivery.log",
-                             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-                log = os.fdopen(fd, "a", encoding="utf-8")
+            log = self.open_delivery_log()
             dispatcher = Dispatcher(self.spool, journal, self.policy, clock=self.clock,
                                     rand=self.rand, throttle=throttle, delivery_log=log)
             dispatcher.limiter = limiter
@@ -435,6 +432,15 @@ class Manager:
             self._lock.release()
             raise
         return dispatcher, journal
+
+    def open_delivery_log(self) -> TextIO | None:
+        """``<workspace>/delivery.log`` (0600, appended) if ``[server] delivery_log``."""
+        if not self.config.server.delivery_log:
+            return None
+        self.workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.workspace / "delivery.log",
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
 
     async def _close_run(self, run: _Run) -> None:
         journal = run.journal

@@ -341,7 +341,7 @@ async def deliver_from_store(manager: Manager, stop_event: asyncio.Event, *, dra
     throttle = Throttle(smtp.max_connections or manager.spawn,
                         max_per_second=smtp.max_per_second)
     delivery = PgDelivery(store, manager.policy, clock=manager.clock, rand=manager.rand,
-                          throttle=throttle)
+                          throttle=throttle, delivery_log=manager.open_delivery_log())
     delivery.on_event = manager._on_outcome
     delivery.signer = DkimSigner.from_config(manager.config.dkim, manager.workspace)
     delivery.limiter = DomainLimiter(manager.config.limits,
@@ -365,6 +365,8 @@ async def deliver_from_store(manager: Manager, stop_event: asyncio.Event, *, dra
         if delivery.signer is not None:
             delivery.signer.close()
         delivery.stats.close()
+        if delivery.delivery_log is not None:
+            delivery.delivery_log.close()
         manager._pg_run = None
         await manager.flush_events(manager.config.server.grace)
 
