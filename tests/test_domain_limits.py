@@ -17,7 +17,7 @@ from ess_async.config import CONFIG_TEMPLATE, DomainLimits, parse_config
 from ess_async.errors import ConfigError
 from ess_async.limits import DomainLimiter, domains_of, pushback_domains
 
-from .conftest import SMTPServer, make_config
+from .conftest import RecordingHandler, SMTPServer, make_config
 
 
 def timed(server: SMTPServer) -> list[tuple[float, str]]:
@@ -183,12 +183,9 @@ async def test_slow_domain_rate_is_measured_while_fast_domain_flows(
           f"{max(fast) - min(fast):.2f} s; limiter waits: {waits}")
 
 
-async def test_max_connections_per_domain(tmp_path: Path, smtp_server: SMTPServer) -> None:
-    """Issue 14 part 4: [limits."one.example"] max_connections = 2: never more than two
-    messages to that domain in flight at the server at once, while another domain uses
-    every sender."""
-    handler = smtp_server.handler
-    handler.delays["DATA"] = 0.05
+def track_peak_in_flight(handler: RecordingHandler) -> dict[str, int]:
+    """Make ``handler`` count messages in flight per recipient domain (from RCPT to the
+    end of DATA); returns the peak per domain, updated as the server runs."""
     inflight: dict[str, int] = {}
     peak: dict[str, int] = {}
     original_rcpt, original_data = handler.handle_RCPT, handler.handle_DATA
@@ -208,6 +205,16 @@ async def test_max_connections_per_domain(tmp_path: Path, smtp_server: SMTPServe
 
     handler.handle_RCPT = handle_rcpt  # type: ignore[method-assign]
     handler.handle_DATA = handle_data  # type: ignore[method-assign]
+    return peak
+
+
+async def test_max_connections_per_domain(tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """Issue 14 part 4: [limits."one.example"] max_connections = 2: never more than two
+    messages to that domain in flight at the server at once, while another domain uses
+    every sender."""
+    handler = smtp_server.handler
+    handler.delays["DATA"] = 0.05
+    peak = track_peak_in_flight(handler)
     config = make_config(smtp_server.port, server={"spawn": 6},
                          limits={"one.example": {"max_connections": 2}})
     workspace = tmp_path / "ws"

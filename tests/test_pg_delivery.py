@@ -293,27 +293,11 @@ async def test_max_connections_per_domain_on_the_postgres_deliverer(tmp_path, sm
     """[limits."one.example"] max_connections = 2 holds for a PostgreSQL deliverer too:
     a message over the budget is given back until the domain is ready, while another
     domain uses every sender."""
+    from .test_domain_limits import track_peak_in_flight
+
     handler = smtp_server.handler
     handler.delays["DATA"] = 0.05
-    inflight: dict[str, int] = {}
-    peak: dict[str, int] = {}
-    original_rcpt, original_data = handler.handle_RCPT, handler.handle_DATA
-
-    async def handle_rcpt(srv, session, envelope, address, options):  # type: ignore[no-untyped-def]
-        domain = address.rpartition("@")[2]
-        inflight[domain] = inflight.get(domain, 0) + 1
-        peak[domain] = max(peak.get(domain, 0), inflight[domain])
-        return await original_rcpt(srv, session, envelope, address, options)
-
-    async def handle_data(srv, session, envelope):  # type: ignore[no-untyped-def]
-        try:
-            return await original_data(srv, session, envelope)
-        finally:
-            for rcpt in envelope.rcpt_tos:
-                inflight[rcpt.rpartition("@")[2]] -= 1
-
-    handler.handle_RCPT = handle_rcpt  # type: ignore[method-assign]
-    handler.handle_DATA = handle_data  # type: ignore[method-assign]
+    peak = track_peak_in_flight(handler)
     config = make_config(smtp_server.port, server={"spawn": 6},
                          limits={"one.example": {"max_connections": 2}})
     m = Manager(tmp_path / "ws", config=config, store=pg_url)
