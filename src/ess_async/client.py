@@ -81,12 +81,8 @@ class Client:
                 self._thread = threading.Thread(target=loop.run_forever,
                                                 name="ess-async-client", daemon=True)
                 self._thread.start()
-                settings = self.config.store
-                password = (os.environ.get(settings.password_env)
-                            if settings.password_env else None)
                 self._loop = loop
-                self._store = PostgresStore(self.store_url, schema=settings.schema,
-                                            password=password, pool_size=settings.pool_size)
+                self._store = PostgresStore.from_config(self.store_url, self.config.store)
             return self._store
 
     def _call(self, work: Coroutine[Any, Any, _T]) -> _T:

@@ -326,10 +326,7 @@ class Manager:
         """The PostgreSQL store (only with a store URL; see ``store_url``)."""
         if not self.store_url:
             raise EssError("this manager uses the file store (no store URL)")
-        store = self.config.store
-        password = os.environ.get(store.password_env) if store.password_env else None
-        return PostgresStore(self.store_url, schema=store.schema, password=password,
-                             pool_size=store.pool_size, clock=self.clock)
+        return PostgresStore.from_config(self.store_url, self.config.store, clock=self.clock)
 
     def create_config(self) -> Path:
         """Write a commented ``config.toml`` unless one exists; return its path."""

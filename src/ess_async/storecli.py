@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from .config import Config
@@ -24,10 +23,7 @@ FILE_ONLY = {"stop": "stop a PostgreSQL deliverer with SIGTERM (it stops gracefu
 
 
 def store_for(url: str, config: Config) -> PostgresStore:
-    settings = config.store
-    password = os.environ.get(settings.password_env) if settings.password_env else None
-    return PostgresStore(url, schema=settings.schema, password=password,
-                         pool_size=min(settings.pool_size, 4))
+    return PostgresStore.from_config(url, config.store, pool_size=4)  # one command: few
 
 
 async def run_store_command(args: argparse.Namespace, url: str, config: Config) -> int:

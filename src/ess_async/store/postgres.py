@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import orjson
 
 from ..batching import Batcher
+from ..config import StoreConfig
 from ..enqueue import Prepared
 from ..errors import MessageNotFound, StoreError, StoreUnavailable
 from ..ops import MessageInfo
@@ -132,6 +133,16 @@ class PostgresStore(Store):
         self._closing = False
         self.work_event = asyncio.Event()
         self._done_waiters: dict[str, set[asyncio.Event]] = {}
+
+    @classmethod
+    def from_config(cls, url: str, settings: StoreConfig, *, pool_size: int | None = None,
+                    clock: Callable[[], float] = time.time) -> PostgresStore:
+        """The store at ``url`` with the ``[store]`` settings: its schema, its pool size
+        (``pool_size`` caps it), the password from ``password_env`` if that names one."""
+        password = os.environ.get(settings.password_env) if settings.password_env else None
+        size = settings.pool_size if pool_size is None else min(pool_size, settings.pool_size)
+        return cls(url, schema=settings.schema, password=password, pool_size=size,
+                   clock=clock)
 
     def __repr__(self) -> str:
         return f"PostgresStore({masked_url(self.url)!r}, schema={self.schema!r})"
