@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -320,57 +321,40 @@ class QueueOps:
             if state == "corrupt":
                 assert cutoff is not None
                 return self._purge_corrupt(cutoff, gone)
-            if keep:
-                return self._purge_beyond(state, cutoff, keep, gone)
-            assert cutoff is not None
-            return self._purge_final(state, cutoff, gone)
+            return self._purge_finished(state, cutoff, keep, gone)
         finally:
             self.spool.keys.forget(gone)
 
-    def _purge_beyond(self, state: str, cutoff: float | None, keep: int, gone: _Ids) -> int:
-        """Newest first (by shard, then id): keep ``keep`` not older than ``cutoff``."""
+    def _purge_finished(self, state: str, cutoff: float | None, keep: int,
+                        gone: _Ids) -> int:
+        """Newest first (by shard, the day a message finished, then id): remove what
+        finished before ``cutoff`` and, with ``keep``, all but the newest ``keep`` of
+        the rest. A shard wholly before the cutoff needs no reads; one wholly after it
+        is skipped unless ``keep`` counts it."""
         removed = kept = 0
+        since = -math.inf if cutoff is None else cutoff
         top = self.spool.dir(state)
         for shard in sorted(_names(top), reverse=True):
             folder = top / shard
+            try:
+                day: float | None = datetime.strptime(shard, "%Y-%m-%d").replace(
+                    tzinfo=UTC).timestamp()
+            except ValueError:
+                day = None
+            # young: everything in it finished after the cutoff (or there is none)
+            young = cutoff is None or (day is not None and day >= cutoff)
+            if young and not keep:
+                continue
+            whole = cutoff is not None and day is not None and day + 86400 <= cutoff
             count = 0
             for name in sorted(_names(folder), reverse=True):
                 if not (name.endswith(".json") and ID_PATTERN.match(name[:-5])):
                     continue
                 path = folder / name
                 try:
-                    if kept < keep and (cutoff is None or self._finished_at(path) >= cutoff):
+                    if not (keep and kept >= keep) and not whole and (
+                            young or self._finished_at(path) >= since):
                         kept += 1
-                        continue
-                    _remove(path)
-                except FileNotFoundError:
-                    continue
-                gone.append(name[:-5])
-                count += 1
-            if count:
-                fsync_dir(folder)
-                removed += count
-        return removed
-
-    def _purge_final(self, state: str, cutoff: float, gone: _Ids) -> int:
-        removed = 0
-        top = self.spool.dir(state)
-        for shard in _names(top):
-            folder = top / shard
-            try:
-                day = datetime.strptime(shard, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
-            except ValueError:
-                day = None
-            if day is not None and day >= cutoff:
-                continue  # everything in it finished after the cutoff
-            whole = day is not None and day + 86400 <= cutoff
-            count = 0
-            for name in _names(folder):
-                if not (name.endswith(".json") and ID_PATTERN.match(name[:-5])):
-                    continue
-                path = folder / name
-                try:
-                    if not whole and self._finished_at(path) >= cutoff:
                         continue
                     _remove(path)
                 except FileNotFoundError:
