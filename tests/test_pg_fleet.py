@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -55,6 +54,20 @@ with Client(ws, store=url) as client:
     for i in range(start, start + count):
         client.create_work(to=f"r{i % 7}@example.com", subject=f"m{i}", body="fleet\\n")
 """
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], *, timeout: float) -> None:
+    """SIGTERM what still runs (woken first if it was stopped), then reap it all."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _status(ws: Path, url: str) -> dict[str, int]:
@@ -104,15 +117,7 @@ def test_a_fleet_delivers_every_message_once_through_a_sigkill(
         # 250 and committing it (at most its --spawn 4 sends in flight) may come twice.
         assert len(twice) <= 4 and all(n == 2 for n in twice.values()), (twice, killed_at)
     finally:
-        for proc in deliverers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(procs, timeout=60)
 
 
 def test_a_paused_deliverer_loses_its_lease_and_cannot_overwrite(
@@ -150,15 +155,4 @@ def test_a_paused_deliverer_loses_its_lease_and_cannot_overwrite(
         # which the README states; the outcome written is the newer attempt's alone.
         assert len(handler.messages) == 2
     finally:
-        for proc in procs:
-            with_signal = proc.poll() is None
-            if with_signal:
-                os.kill(proc.pid, signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        time.sleep(0)
+        _stop(procs, timeout=30)
