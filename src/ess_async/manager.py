@@ -977,15 +977,10 @@ class Manager:
         stop_event, done = self._pg_stop, self._pg_done
         assert stop_event is not None and done is not None
         try:
-            return await self._deliver_store_run(stop_event, drain=drain,
-                                                 handle_signals=handle_signals)
+            return await deliver_from_store(self, stop_event, drain=drain,
+                                            handle_signals=handle_signals)
         finally:
             done.set()
-
-    async def _deliver_store_run(self, stop_event: asyncio.Event, *, drain: bool,
-                                 handle_signals: bool) -> WorkloadSummary:
-        return await deliver_from_store(self, stop_event, drain=drain,
-                                        handle_signals=handle_signals)
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
         try:

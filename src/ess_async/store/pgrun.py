@@ -60,7 +60,6 @@ class PgRun:
         self.busy: set[asyncio.Task[Any]] = set()
         self.senders: list[asyncio.Task[None]] = []
         self.poll = min(1.0, lease / 3)
-        self.claiming_done = False
         self.drain = False
         self._events = 0  # the throttle's push-back and relay-down events at the start
 
@@ -114,7 +113,6 @@ class PgRun:
                                             return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
-        self.claiming_done = True
         for _ in range(self.spawn):
             self.queue.put_nowait(None)  # wakes idle senders: nothing more comes
 
