@@ -22,6 +22,7 @@ from ..config import ServerConfig
 from ..delivery import WorkloadSummary
 from ..dkim import DkimSigner
 from ..errors import StoreError, StoreUnavailable
+from ..faults import crash_point
 from ..limits import DomainLimiter, domains_of
 from ..pool import TransportPool
 from ..signals import stop_on_signals
@@ -80,6 +81,7 @@ class PgRun:
     async def _claim(self, n: int) -> int:
         rows = await self.store.fetch("claim", self.clock(), n, self.lease, self.store.name)
         for row in rows:
+            crash_point("after_claim")  # committed: a crash leaves it to the lease
             self.delivery.tokens[row["id"]] = row["lease_token"]  # heartbeat covers it
             self.queue.put_nowait(row)
         return len(rows)
