@@ -5,11 +5,15 @@ bits, lone surrogates) goes through json as before: quarantined, never a crash."
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ess_async import Client, Manager
 from ess_async import spool as spool_module
@@ -160,3 +164,39 @@ def test_commit_reports_each_failed_write_and_keeps_its_active_copy(tmp_path: Pa
     assert not spool.path("active", other.stem).exists()
     assert Spool(spool.workspace).read(spool.path("deferred", other.stem)) == ok
     assert os.listdir(spool.workspace / "tmp") == []
+
+
+def old_replay(data: bytes) -> dict[str, dict[str, Any]]:
+    """The json-only replay (before orjson read the journal)."""
+    def reject(name: str) -> Any:
+        raise ValueError(name)
+
+    last: dict[str, dict[str, Any]] = {}
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line, parse_constant=reject)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            at = entry.get("at")
+            if isinstance(at, float) and not math.isfinite(at):
+                continue
+            last[entry["id"]] = entry
+    return last
+
+
+_JOURNAL_PIECES = st.sampled_from([
+    b'{"op":"claim","id":"a","at":1.5}', b'{"op":"accepted","id":"a","at":2,"code":250}',
+    b'{"id":"b","at":NaN}', b'{"id":"b","at":1e400}', b'{"id":"b","n":99999999999999999999}',
+    b'{"id":"\\ud800"}', b"\xef\xbb\xbf{\"id\":\"c\"}", b'{"id":"\xff"}', b'{"op":"cla',
+    b'{"id":"d","reply":"d\'accord \xe2\x9c\x93"}', b"[1]", b"null", b'{"id":1}', b"",
+    b'{"id":"e","x":-0.0,"y":1E5}', b'{"id":"e","id":"f"}'])
+
+
+@given(st.lists(_JOURNAL_PIECES, max_size=12))
+def test_replay_reads_what_the_json_module_read(pieces: list[bytes]) -> None:
+    data = b"\n".join(pieces)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "journal.log"
+        path.write_bytes(data)
+        assert replay(path) == old_replay(data)

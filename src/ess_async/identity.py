@@ -7,6 +7,7 @@ process on the ``ess_async.message`` logger (the library never configures loggin
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import socket
 import time
@@ -56,10 +57,19 @@ def new_message_id(domain: str) -> str:
     return f"<{time.time_ns():x}.{secrets.token_hex(10)}@{domain}>"
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
 def format_date(when: float) -> str:
     """An RFC 5322 date in UTC: ``Tue, 01 Dec 2026 09:00:00 +0000`` (always 31 characters
     for years 1000 to 9999, so stamping it never changes a message's size)."""
-    return format_datetime(datetime.fromtimestamp(when, UTC))
+    global _last_date
+    second = math.floor(when)
+    if _last_date[0] == second:  # the hot path stamps many messages a second
+        return _last_date[1]
+    text = format_datetime(datetime.fromtimestamp(second, UTC))
+    _last_date = (second, text)
+    return text
 
 
 def stamp_date(raw: str, when: float) -> str:

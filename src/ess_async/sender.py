@@ -33,6 +33,9 @@ __all__ = ("Dispatcher", "WorkItem", "WorkloadSummary")
 
 logger = logging.getLogger("ess_async.sender")
 
+# A claim's outcome: the record, the CorruptRecord or OSError its file gave, or None (not
+# there to claim).
+_Claim = dict[str, Any] | CorruptRecord | OSError | None
 _INLINE_BYTES = 256 * 1024  # smaller spool files are read and written on the loop itself
 
 
@@ -52,9 +55,10 @@ class Dispatcher(Delivery):
         self.spool = spool
         self.journal = journal
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
-        self._read = aiofiles.os.wrap(spool.read)
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
         self._staged: list[tuple[Path, bytes, asyncio.Future[None]]] = []
+        self._claims: list[tuple[WorkItem, asyncio.Future[_Claim]]] = []
+        self._claimer: asyncio.Future[None] | None = None
         self._committer: asyncio.Future[None] | None = None
 
     # -- one message -----------------------------------------------------------------
@@ -65,37 +69,97 @@ class Dispatcher(Delivery):
         msg_id = item.msg_id
         if msg_id in self.claimed:
             return None
-        # An operator may have moved it to queued/ (retry, release) since it was offered.
-        sources = (item.source,) if item.source == "queued" else (item.source, "queued")
-        if not any(self.spool.rename(msg_id, source, "active") for source in sources):
+        claim = await self._claim(item)  # claimed from here on (the rename decides)
+        if claim is None:
             return None
-        self.claimed[msg_id] = None
         try:
-            try:
-                self.journal.append({"op": "claim", "id": msg_id, "at": self.clock()})
-            except OSError as exc:
-                # Undo the claim rather than send while the journal cannot be written.
-                self.spool.rename(msg_id, "active", "queued")
-                raise SpoolError(exc.errno, f"cannot journal a claim: {exc}") from None
+            if isinstance(claim, OSError):
+                raise claim
             crash_point("after_claim")
-            path = self.spool.path("active", msg_id)
-            try:
-                record = self.spool.read_small(path, _INLINE_BYTES)  # on the loop: cheaper
-                if record is None:
-                    record = await self._read(path)
-                if record["id"] != msg_id:
-                    raise CorruptRecord("record id does not match its file name")
-            except CorruptRecord as exc:
-                await self._quarantine(path, exc.reason)
-                return self._done({"id": msg_id, "last_error": {"message": exc.reason}},
+            if isinstance(claim, CorruptRecord):
+                await self._quarantine(self.spool.path("active", msg_id), claim.reason)
+                return self._done({"id": msg_id, "last_error": {"message": claim.reason}},
                                   "corrupt")
-            if "expires_at" in record and is_expired(record, self.clock()):
-                return await self._finish(self._expired(record))  # never sent
-            return await self._attempt(record, transport)
+            if "expires_at" in claim and is_expired(claim, self.clock()):
+                return await self._finish(self._expired(claim))  # never sent
+            return await self._attempt(claim, transport)
         finally:
             if self.claimed.get(msg_id) is None:  # an accepted one is released by _accepted
                 self.claimed.pop(msg_id, None)
                 self.journal.settle(msg_id)
+
+    async def _claim(self, item: WorkItem) -> _Claim:
+        """Claim ``item``: rename it into ``active/``, journal the claim, read its record.
+        Concurrent senders' claims share one thread job (the renames and reads stay off
+        the event loop) and one journal write. Returns None if the message was no longer
+        there to claim; else it is in ``claimed`` and this is its record, the
+        CorruptRecord its file is, or the OSError met. Raises SpoolError when the journal
+        refused the claim (then undone)."""
+        future: asyncio.Future[_Claim] = asyncio.get_running_loop().create_future()
+        self._claims.append((item, future))
+        if self._claimer is None or self._claimer.done():
+            self._claimer = asyncio.ensure_future(self._claim_staged())
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None \
+                    and future.result() is not None:  # claimed, then its sender stopped
+                self.claimed.pop(item.msg_id, None)
+                self._unclaim(item.msg_id)
+            raise
+
+    async def _claim_staged(self) -> None:
+        while self._claims:
+            batch, self._claims = self._claims, []
+            # An operator may have moved one to queued/ (retry, release) since it was
+            # offered from deferred/. The same id may be staged twice (offered again
+            # from another folder): the first rename that finds it claims it.
+            jobs: list[tuple[str, tuple[str, ...]]] = [
+                (item.msg_id, (item.source,) if item.source == "queued"
+                 else (item.source, "queued")) for item, _ in batch]
+            try:
+                results = await asyncio.to_thread(self.spool.claim_many, jobs)
+            except BaseException as exc:  # not expected: claim_many reports per message
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(SpoolError(5, f"cannot claim: {exc!r}"))
+                raise
+            entries: list[dict[str, Any]] = []
+            at = self.clock()
+            for (item, future), result in zip(batch, results, strict=True):
+                if result is None:
+                    continue
+                if future.cancelled():  # its sender stopped meanwhile: undo the claim
+                    self._unclaim(item.msg_id)
+                    continue
+                self.claimed[item.msg_id] = None
+                entries.append({"op": "claim", "id": item.msg_id, "at": at})
+            try:
+                self.journal.append_many(entries)
+            except OSError as exc:
+                # Undo the claims rather than send while the journal cannot be written.
+                for entry in entries:
+                    self.claimed.pop(entry["id"], None)
+                    self._unclaim(entry["id"])
+                error = SpoolError(exc.errno, f"cannot journal a claim: {exc}")
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if result is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    def _unclaim(self, msg_id: str) -> None:
+        self.journal.settle(msg_id)
+        try:
+            self.spool.rename(msg_id, "active", "queued")
+        except OSError as exc:  # it stays in active/: the next recovery requeues it
+            logger.error("cannot put message %s back in queued/: %s", msg_id, exc)
 
     async def _persist_accepted(self, entry: dict[str, Any]) -> None:
         await self.journal.append_durable(entry)
@@ -216,6 +280,8 @@ class Dispatcher(Delivery):
     async def drain(self) -> None:
         """Wait for records still being written (accepted messages, the group commit)."""
         await super().drain()
+        if self._claimer is not None:
+            await asyncio.gather(self._claimer, return_exceptions=True)
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)
 

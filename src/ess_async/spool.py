@@ -362,6 +362,28 @@ class Spool:
             return False
         return True
 
+    def claim_many(self, claims: list[tuple[str, tuple[str, ...]]]
+                   ) -> list[dict[str, Any] | CorruptRecord | OSError | None]:
+        """Claim messages by renaming each into ``active/`` from the first of its source
+        folders that has it, and read their records (a thread job for a batch of
+        senders). Per message: its record, None (in none of its sources), the
+        CorruptRecord its file is, or the OSError met (renamed or not)."""
+        results: list[dict[str, Any] | CorruptRecord | OSError | None] = []
+        for msg_id, sources in claims:
+            try:
+                if not any(self.rename(msg_id, source, "active") for source in sources):
+                    results.append(None)
+                    continue
+                record = self.read_small(f"{self._dirs['active']}/{msg_id}.json",
+                                         self.max_size)
+                assert record is not None
+                if record["id"] != msg_id:
+                    raise CorruptRecord("record id does not match its file name")
+                results.append(record)
+            except (CorruptRecord, OSError) as exc:
+                results.append(exc)
+        return results
+
     def finish(self, state: str, record: dict[str, Any], *, src: str = "active") -> Path:
         """Write the final (or deferred) record durably, then drop the ``src`` copy."""
         path = self.write(state, record)

@@ -28,7 +28,6 @@ from typing import cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
-from aiosmtplib.protocol import normalize_message_line_endings
 
 from .. import replies
 from ..config import SmtpConfig
@@ -43,6 +42,7 @@ from .smtp import (
     SMTPTransport,
     _later_refusal,
     _Progress,
+    dot_stuffed,
     encode_addresses,
 )
 
@@ -479,11 +479,7 @@ class PipeliningTransport(SMTPTransport):
             unknown = progress.result((451, _OUTCOME_UNKNOWN))
             unknown.refused.update((rcpt, (451, _NOT_SENT)) for rcpt in progress.untried)
             self.partial = progress.result((451, _NOT_SENT))
-        # Dot-stuffed as aiosmtplib does it (PERIOD_REGEX), without a regex scan: once
-        # every line ends in CRLF, a line starting with "." follows a "\n".
-        data = normalize_message_line_endings(raw).replace(b"\n.", b"\n..")
-        if data.startswith(b"."):
-            data = b"." + data
+        data = dot_stuffed(raw)
         self._phase = "DATA"
         if len(data) <= _DATA_BLOCK:
             # One write with the final ".": the outcome is unknown from this write on
