@@ -195,3 +195,12 @@ async def test_watchers_first_scan_is_skipped_after_a_later_listing(
         assert run.pending.get(late) == "queued"
     finally:
         await manager._close_run(run)
+
+
+def test_a_slow_listing_is_repeated_less_often() -> None:
+    """The safety-net rescan spends at most 5% of the time listing queued/: every 30 s
+    for a small folder, every 200 s when a listing (a million files) took 10 s."""
+    from ess_async.manager import rescan_interval
+
+    assert rescan_interval(0.0) == rescan_interval(1.0) == 30.0
+    assert rescan_interval(10.0) == 200.0

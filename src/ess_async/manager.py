@@ -64,6 +64,13 @@ logger = logging.getLogger("ess_async.manager")
 
 JOURNAL_NAME = "journal.log"
 _RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
+_RESCAN_SHARE = 0.05  # at most this share of the time spent listing queued/ again
+
+
+def rescan_interval(listing_seconds: float) -> float:
+    """Seconds between the safety-net listings of ``queued/``, given how long the
+    latest one took."""
+    return max(_RESCAN_SECONDS, listing_seconds / _RESCAN_SHARE)
 _PRUNE_SECONDS = 600.0  # retention runs this often while serving
 _CHUNK = 1_000  # ids offered or timed per event-loop step (keeps each step short)
 # A scan of queued/ is kept as a compact backlog (sorted runs of ids packed in strings,
@@ -130,6 +137,7 @@ class _Run:
         self.scanning = False
         self.scan_again = False
         self.listed_since = -math.inf  # when the latest listing of queued/ began
+        self.listing_seconds = 0.0  # how long the latest listing took
 
 
 class Manager:
@@ -567,6 +575,7 @@ class Manager:
                 busy = bool(run.pending or run.dispatcher.claimed or run.backlog)
                 run.listed_since = time.monotonic()
                 runs, count = await asyncio.to_thread(self._list_queued, busy)
+                run.listing_seconds = time.monotonic() - run.listed_since
                 run.backlog = [heapq.merge(*map(self._unpack, rank_runs))
                                for rank_runs in runs]
                 run.backlog_size = count
@@ -696,7 +705,11 @@ class Manager:
     async def _rescan(self, run: _Run) -> None:
         last_prune = self.clock()
         while True:
-            await asyncio.sleep(_RESCAN_SECONDS)
+            # A huge queued/ takes seconds to list (a thread reading its folder, renames
+            # into active/ waiting behind it): the safety net lists it at most 5% of
+            # the time, so a million queued messages are re-listed every few minutes,
+            # not every 30 s.
+            await asyncio.sleep(rescan_interval(run.listing_seconds))
             await self._scan_queued(run)
             await self._load_waiting(run, "scheduled")
             await self._load_waiting(run, "deferred")  # a safety net: timers are in memory
