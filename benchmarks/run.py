@@ -588,6 +588,13 @@ async def backlog_child(ws: Path, port: int, ctl_port: int, n: int, k: int,
     ticks: list[tuple[float, float]] = []  # (seconds since start, gap beyond 10 ms)
     done = asyncio.Event()
 
+    watchdog = None
+    if os.environ.get("ESS_BENCH_WATCHDOG"):  # a diagnostic: see loopwatch.py
+        from loopwatch import Watchdog
+
+        watchdog = Watchdog()
+        watchdog.start()
+
     async def ticker() -> None:
         last = time.monotonic()
         while not done.is_set():
@@ -595,6 +602,8 @@ async def backlog_child(ws: Path, port: int, ctl_port: int, n: int, k: int,
             now = time.monotonic()
             ticks.append((now - start, now - last - 0.01))
             last = now
+            if watchdog is not None:
+                watchdog.tick()
 
     def largest(since: float, until: float) -> float:
         return max((g for t, g in ticks if since <= t <= until), default=0.0) * 1000
@@ -618,6 +627,8 @@ async def backlog_child(ws: Path, port: int, ctl_port: int, n: int, k: int,
     stopped = time.monotonic() - start
     done.set()
     await tick
+    if watchdog is not None:
+        watchdog.report()
     stats = await ctl.stats()
     await ctl.close()
     last = at_window["at"] if at_window.get("at") else window_end

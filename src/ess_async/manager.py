@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
+from . import watcher
 from .config import (
     CONFIG_TEMPLATE,
     Config,
@@ -996,6 +997,7 @@ class Manager:
             done.set()
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
+        await asyncio.to_thread(watcher.preload)
         try:
             with stop_on_signals(run.stop_event.set, enabled=handle_signals):
                 watch_stop = asyncio.Event()

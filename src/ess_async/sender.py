@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TextIO
 
 import aiofiles.os
@@ -56,7 +55,7 @@ class Dispatcher(Delivery):
         self.journal = journal
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
-        self._staged: list[tuple[Path, bytes, asyncio.Future[None]]] = []
+        self._staged: list[tuple[str, dict[str, Any], bytes, asyncio.Future[None]]] = []
         self._claims: list[tuple[WorkItem, asyncio.Future[_Claim]]] = []
         self._claimer: asyncio.Future[None] | None = None
         self._committer: asyncio.Future[None] | None = None
@@ -172,28 +171,33 @@ class Dispatcher(Delivery):
         its file operations (create, write, rename, the sync, removing the active/ copy)
         run in one thread job shared by concurrent senders, with one filesystem sync (a
         group commit), off the event loop."""
-        target = self.spool.target(state, record)
         if len(record["raw"]) > _INLINE_BYTES:
             data = await asyncio.to_thread(encode_record, record)
         else:
             data = encode_record(record)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._staged.append((target, data, future))
+        self._staged.append((state, record, data, future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_staged())
         await asyncio.shield(future)
+
+    def _commit(self, batch: list[tuple[str, dict[str, Any], bytes, Any]]
+                ) -> list[OSError | None]:
+        """The thread job of a group commit: the records' paths, then ``Spool.commit``."""
+        spool = self.spool
+        return spool.commit([(spool.target(state, record), data)
+                             for state, record, data, _ in batch])
 
     async def _commit_staged(self) -> None:
         while self._staged:
             batch, self._staged = self._staged, []
             try:
-                errors = await asyncio.to_thread(
-                    self.spool.commit, [(target, data) for target, data, _ in batch])
+                errors = await asyncio.to_thread(self._commit, batch)
             except OSError as exc:
-                for _, _, future in batch:
+                for *_, future in batch:
                     future.set_exception(SpoolError(exc.errno, f"cannot commit: {exc}"))
             else:
-                for (_, _, future), error in zip(batch, errors, strict=True):
+                for (*_, future), error in zip(batch, errors, strict=True):
                     if error is None:
                         future.set_result(None)
                     else:

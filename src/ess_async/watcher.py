@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from watchfiles import Change, awatch
 
 from .spool import ID_PATTERN
 
-__all__ = ("watch_queued",)
+__all__ = ("preload", "watch_queued")
 
 logger = logging.getLogger("ess_async.watcher")
 
@@ -20,6 +21,15 @@ def _is_new_message(change: Change, path: str) -> bool:
     name = Path(path).name
     return change != Change.deleted and name.endswith(".json") and bool(
         ID_PATTERN.match(name[:-5]))
+
+
+def preload() -> None:
+    """Import what ``awatch`` imports on its first step (anyio's asyncio backend, tens of
+    milliseconds on a busy machine): run in a thread before serving, so that import does
+    not hold the event loop while senders are already at work."""
+    with contextlib.suppress(ImportError):
+        import anyio._backends._asyncio
+        import anyio.to_thread  # noqa: F401
 
 
 async def watch_queued(folder: Path, on_ids: Callable[[list[str]], Awaitable[None]],
