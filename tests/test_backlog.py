@@ -16,7 +16,7 @@ import pytest
 from ess_async import Client, Manager, SendResult, Transport
 from ess_async import manager as manager_mod
 
-from .conftest import make_config
+from .conftest import SMTPServer, make_config
 
 SUBJECT = re.compile(rb"\r\nSubject: (\S+)\r\n")
 
@@ -204,3 +204,21 @@ def test_a_slow_listing_is_repeated_less_often() -> None:
 
     assert rescan_interval(0.0) == rescan_interval(1.0) == 30.0
     assert rescan_interval(10.0) == 200.0
+
+
+async def test_the_listing_quarantines_strays_and_leaves_dot_files(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """The one listing of queued/ also finds entries that are not message files: they go
+    to corrupt/ with a reason; dot files (an editor's, a copy in progress) stay."""
+    ws = tmp_path / "ws"
+    config = make_config(smtp_server.port)
+    Client(ws, config=config).create_work(to="a@example.com", subject="good")
+    (ws / "queued" / "notes.txt").write_text("not a message")
+    (ws / "queued" / ".partial.json").write_text("{")
+    summary = await Manager(ws, config=config).process_workload()
+    assert summary.passed == 1
+    assert smtp_server.handler.subjects() == ["good"]
+    assert sorted(os.listdir(ws / "queued")) == [".partial.json"]
+    corrupt = sorted(os.listdir(ws / "corrupt"))
+    assert len(corrupt) == 2 and corrupt[1].endswith(".reason")
+    assert "not a message file name" in (ws / "corrupt" / corrupt[1]).read_text()

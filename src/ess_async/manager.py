@@ -520,10 +520,7 @@ class Manager:
         most ``_RUN_IDS`` ids, each packed in one string; and how many ids in all. No list
         of every name is built, and no sort holds the GIL (the event loop) for long;
         ``gentle`` (senders are busy): pause now and then to leave the loop the GIL."""
-        for stray in self.spool.strays("queued"):
-            with contextlib.suppress(OSError):
-                self.spool.quarantine(stray, "not a message file name")
-                logger.warning("quarantined stray spool entry %s", stray.name)
+        strays: list[str] = []
         runs: list[list[str]] = [[], [], []]
         current: list[list[str]] = [[], [], []]
         count = 0
@@ -538,6 +535,8 @@ class Manager:
                 if gentle and seen % _LIST_BURST == 0:
                     time.sleep(_LIST_PAUSE)
                 if not match(name):
+                    if not name.startswith("."):
+                        strays.append(name)
                     continue
                 rank = ranks[name[21]]
                 ids = current[rank]
@@ -551,6 +550,13 @@ class Manager:
             if ids:
                 ids.sort()
                 runs[rank].append("".join(ids))
+        # Found by the same listing (a second one of a million names took seconds, and
+        # freeing its list held the GIL, so the event loop, for tens of milliseconds).
+        for name in strays:
+            with contextlib.suppress(OSError):
+                self.spool.quarantine(self.spool.dir("queued") / name,
+                                      "not a message file name")
+                logger.warning("quarantined stray spool entry %s", name)
         return runs, count
 
     @staticmethod
