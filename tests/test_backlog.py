@@ -199,11 +199,13 @@ async def test_watchers_first_scan_is_skipped_after_a_later_listing(
 
 def test_a_slow_listing_is_repeated_less_often() -> None:
     """The safety-net rescan spends at most 5% of the time listing queued/: every 30 s
-    for a small folder, every 200 s when a listing (a million files) took 10 s."""
+    for a small folder, every 200 s when a listing (a million files) took 10 s, and at
+    least every 10 minutes (it also times deferred and scheduled messages)."""
     from ess_async.manager import rescan_interval
 
     assert rescan_interval(0.0) == rescan_interval(1.0) == 30.0
     assert rescan_interval(10.0) == 200.0
+    assert rescan_interval(100.0) == 600.0  # found in review: never later than 10 minutes
 
 
 async def test_the_listing_quarantines_strays_and_leaves_dot_files(

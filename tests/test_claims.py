@@ -10,12 +10,15 @@ from email import policy
 from email.parser import BytesParser
 from pathlib import Path
 
-from ess_async import Client
+from ess_async import Client, Manager
+from ess_async import spool as spool_mod
 from ess_async.delivery import WorkItem
+from ess_async.errors import TemporaryDeliveryError
 from ess_async.journal import Journal, replay
 from ess_async.retry import RetryPolicy
 from ess_async.sender import Dispatcher
 from ess_async.spool import Spool
+from ess_async.transports.base import SendResult, Transport
 from ess_async.transports.memory import MemoryTransport
 
 from .conftest import make_config
@@ -93,3 +96,176 @@ async def test_a_claim_whose_sender_stops_is_undone(tmp_path: Path) -> None:
     assert dispatcher.claimed == {} and dispatcher.journal.live == {}
     dispatcher.journal.close()
     assert replay(dispatcher.journal.path) == {}  # no claim journaled for it
+
+
+# -- found in review: a claim in flight must stay exclusive ---------------------------
+
+
+class Deferring(Transport):
+    async def send(self, mail_from, recipients, raw, *, smtputf8=False):
+        raise TemporaryDeliveryError("try later", code=451, phase="RCPT")
+
+
+class RelayDown(Transport):
+    async def send(self, mail_from, recipients, raw, *, smtputf8=False):
+        raise TemporaryDeliveryError("connection refused", phase="CONNECT", destination=True)
+
+
+class Blocking(Transport):
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.sent = 0
+
+    async def send(self, mail_from, recipients, raw, *, smtputf8=False):
+        self.entered.set()
+        await self.release.wait()
+        self.sent += 1
+        return SendResult(code=250, message="ok")
+
+
+def _where(dispatcher, msg_id):
+    ws = dispatcher.spool.workspace
+    return sorted(str(p.relative_to(ws)) for p in ws.rglob(f"{msg_id}.json"))
+
+
+async def test_stale_second_claim_steals_file_from_a_settling_claim(
+        tmp_path: Path, monkeypatch) -> None:
+    """Found in review: as the same test with a deferral, A's relay is down and X
+    goes back to queued/, where B's stale claim must not take it from under A's commit."""
+    dispatcher, (msg_id,) = _setup(tmp_path, 1)
+    commit_paused, b_renamed = threading.Event(), threading.Event()
+    first_in, first_go = threading.Event(), threading.Event()
+    real_claim_many = dispatcher.spool.claim_many
+    calls = []
+
+    def claim_many(claims):
+        calls.append(claims)
+        if len(calls) == 1:
+            first_in.set()
+            first_go.wait(5)
+            return real_claim_many(claims)
+        commit_paused.wait(5)  # B's batch is just slower than A's send + commit
+        result = real_claim_many(claims)
+        b_renamed.set()
+        return result
+
+    def crash_point(name):
+        if name == "before_unlink_active":
+            commit_paused.set()
+            b_renamed.wait(1)  # B's rename, if B was let claim (it must not be)
+
+    dispatcher.spool.claim_many = claim_many
+    monkeypatch.setattr(spool_mod, "crash_point", crash_point)
+    b_transport = Blocking()
+    a = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "queued"), Deferring()))
+    await asyncio.to_thread(first_in.wait, 5)
+    b = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "deferred"), b_transport))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    first_go.set()
+    assert await a == "deferred"
+    # B staged X while A held it: not claimed again (it would have taken the file A's
+    # commit then removed, and sent X at once, ignoring its backoff).
+    assert await asyncio.wait_for(b, 5) is None
+    assert not b_transport.entered.is_set()
+    await dispatcher.drain()
+    assert _where(dispatcher, msg_id) == [f"deferred/{msg_id}.json"]
+    assert dispatcher.claimed == {} and dispatcher.journal.live == {}
+    dispatcher.journal.close()
+
+
+async def test_stale_second_claim_relay_down_both_from_queued(
+        tmp_path: Path, monkeypatch) -> None:
+    """Found in review: as above, but A's relay is down and X goes back to queued/,
+    where B's stale claim (also from queued/) must not take it from under A's commit."""
+    dispatcher, (msg_id,) = _setup(tmp_path, 1)
+    commit_paused, b_renamed = threading.Event(), threading.Event()
+    first_in, first_go = threading.Event(), threading.Event()
+    real_claim_many = dispatcher.spool.claim_many
+    calls = []
+
+    def claim_many(claims):
+        calls.append(claims)
+        if len(calls) == 1:
+            first_in.set()
+            first_go.wait(5)
+            return real_claim_many(claims)
+        commit_paused.wait(5)  # B's batch is just slower than A's send + commit
+        result = real_claim_many(claims)
+        b_renamed.set()
+        return result
+
+    def crash_point(name):
+        if name == "before_unlink_active":
+            commit_paused.set()
+            b_renamed.wait(1)  # B's rename, if B was let claim (it must not be)
+
+    dispatcher.spool.claim_many = claim_many
+    monkeypatch.setattr(spool_mod, "crash_point", crash_point)
+    b_transport = Blocking()
+    a = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "queued"), RelayDown()))
+    await asyncio.to_thread(first_in.wait, 5)
+    b = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "queued"), b_transport))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    first_go.set()
+    assert await a == "requeued"
+    # B staged X while A held it: not claimed again (it would have taken the file A's
+    # commit then removed, and sent X at once, ignoring its backoff).
+    assert await asyncio.wait_for(b, 5) is None
+    assert not b_transport.entered.is_set()
+    await dispatcher.drain()
+    assert _where(dispatcher, msg_id) == [f"queued/{msg_id}.json"]
+    assert dispatcher.claimed == {} and dispatcher.journal.live == {}
+    dispatcher.journal.close()
+
+
+async def test_resume_requeues_a_claim_in_flight(tmp_path: Path) -> None:
+    """Found in review. Manager._resume (after another sender's OSError on X) must not
+    take active/X for an abandoned claim while X's rename is in flight (not yet in
+    ``claimed``): it went back to queued/ while being sent, and was sent again."""
+    ws = tmp_path / "ws"
+    msg_id = Client(ws, config=make_config(2525)).create_work(to="a@example.com",
+                                                               subject="x").stem
+    outbox: list = []
+    manager = Manager(ws, config=make_config(2525),
+                      transport_factory=lambda: MemoryTransport(outbox))
+    run = await manager._open_run()
+    try:
+        renamed, go = threading.Event(), threading.Event()
+        real = run.dispatcher.spool.claim_many
+
+        def claim_many(claims):
+            result = real(claims)
+            renamed.set()
+            go.wait(5)
+            return result
+
+        run.dispatcher.spool.claim_many = claim_many
+        sender = asyncio.ensure_future(
+            run.dispatcher.deliver(WorkItem(1, msg_id), MemoryTransport(outbox)))
+        await asyncio.to_thread(renamed.wait, 5)
+        manager._resume(run, msg_id)  # in active/, not in claimed: "abandoned"
+        go.set()
+        assert await sender == "passed"
+        run.dispatcher.spool.claim_many = real
+        again = await run.dispatcher.deliver(WorkItem(1, msg_id), MemoryTransport(outbox))
+    finally:
+        await manager._close_run(run)
+    assert (again, len(outbox)) == (None, 1)
+
+
+async def test_cancel_during_watcher_preload_leaks_the_run(tmp_path: Path) -> None:
+    """Found in review. _serve awaited watcher.preload before its try/finally: a cancel
+    there skipped _close_run (workspace lock, journal fd, manager._run all leaked)."""
+    ws = tmp_path / "ws"
+    Client(ws, config=make_config(2525)).create_work(to="a@example.com", subject="x")
+    manager = Manager(ws, config=make_config(2525),
+                      transport_factory=lambda: MemoryTransport([]))
+    task = asyncio.create_task(manager.delegate_workload(handle_signals=False))
+    while manager._run is None:
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert manager._run is None, "run never closed: lock held, 'already delivering'"

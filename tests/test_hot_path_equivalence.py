@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -26,11 +29,20 @@ def test_dot_stuffed_on_any_bytes(raw: bytes) -> None:
     assert dot_stuffed(raw) == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(raw))
 
 
-@given(st.floats(min_value=0, max_value=253402300799, allow_nan=False))
+@given(st.floats(min_value=-1e6, max_value=253402300799, allow_nan=False))
 def test_format_date_is_the_email_packages(when: float) -> None:
-    expected = format_datetime(datetime.fromtimestamp(int(when), UTC))
+    expected = format_datetime(datetime.fromtimestamp(math.floor(when), UTC))
     assert format_date(when) == expected
     assert format_date(when) == expected  # the cached answer too
+
+
+def test_format_date_before_the_first_cached_second() -> None:
+    """Found in review: the empty cache once answered "" for times in [-1, 0) (a fresh
+    interpreter, so the cache is as at import)."""
+    out = subprocess.run([sys.executable, "-c", "from ess_async.identity import format_date;"
+                          " print(format_date(-0.5))"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == format_datetime(datetime.fromtimestamp(-1, UTC))
 
 
 def test_format_date_changes_with_the_second() -> None:

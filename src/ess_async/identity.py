@@ -57,7 +57,7 @@ def new_message_id(domain: str) -> str:
     return f"<{time.time_ns():x}.{secrets.token_hex(10)}@{domain}>"
 
 
-_last_date: tuple[int, str] = (-1, "")
+_last_date: tuple[int, str] | None = None  # (second, its text): one tuple, thread-safe
 
 
 def format_date(when: float) -> str:
@@ -65,8 +65,9 @@ def format_date(when: float) -> str:
     for years 1000 to 9999, so stamping it never changes a message's size)."""
     global _last_date
     second = math.floor(when)
-    if _last_date[0] == second:  # the hot path stamps many messages a second
-        return _last_date[1]
+    last = _last_date  # read once: another thread may replace it meanwhile
+    if last is not None and last[0] == second:  # many messages are stamped a second
+        return last[1]
     text = format_datetime(datetime.fromtimestamp(second, UTC))
     _last_date = (second, text)
     return text

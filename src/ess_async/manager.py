@@ -66,12 +66,13 @@ logger = logging.getLogger("ess_async.manager")
 JOURNAL_NAME = "journal.log"
 _RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
 _RESCAN_SHARE = 0.05  # at most this share of the time spent listing queued/ again
+_RESCAN_MAX = 600.0  # ...but the safety net (timers too) runs at least every 10 minutes
 
 
 def rescan_interval(listing_seconds: float) -> float:
     """Seconds between the safety-net listings of ``queued/``, given how long the
     latest one took."""
-    return max(_RESCAN_SECONDS, listing_seconds / _RESCAN_SHARE)
+    return min(_RESCAN_MAX, max(_RESCAN_SECONDS, listing_seconds / _RESCAN_SHARE))
 _PRUNE_SECONDS = 600.0  # retention runs this often while serving
 _CHUNK = 1_000  # ids offered or timed per event-loop step (keeps each step short)
 # A scan of queued/ is kept as a compact backlog (sorted runs of ids packed in strings,
@@ -921,6 +922,9 @@ class Manager:
             return
         if msg_id in dispatcher.claimed:
             return  # another sender has it
+        if msg_id in dispatcher.claiming:  # a claim in flight: look once it is decided
+            asyncio.get_running_loop().call_later(0.05, self._resume, run, msg_id)
+            return
         if os.path.lexists(self.spool.path("active", msg_id)):
             dispatcher.settle_claim(msg_id, None)
             if msg_id in dispatcher.unsettled:
@@ -1003,8 +1007,8 @@ class Manager:
             done.set()
 
     async def _serve(self, run: _Run, *, handle_signals: bool) -> WorkloadSummary:
-        await asyncio.to_thread(watcher.preload)
         try:
+            await asyncio.to_thread(watcher.preload)
             with stop_on_signals(run.stop_event.set, enabled=handle_signals):
                 watch_stop = asyncio.Event()
                 run.live = True

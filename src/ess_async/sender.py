@@ -57,6 +57,7 @@ class Dispatcher(Delivery):
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
         self._staged: list[tuple[str, dict[str, Any], bytes, asyncio.Future[None]]] = []
         self._claims: list[tuple[WorkItem, asyncio.Future[_Claim]]] = []
+        self.claiming: set[str] = set()  # ids whose claim (rename) is in flight
         self._claimer: asyncio.Future[None] | None = None
         self._committer: asyncio.Future[None] | None = None
 
@@ -110,22 +111,50 @@ class Dispatcher(Delivery):
     async def _claim_staged(self) -> None:
         while self._claims:
             batch, self._claims = self._claims, []
+            # Decided on the loop, as a claim always was: an id another sender holds
+            # (its next state may be being written: its file could reappear in queued/
+            # before its active/ copy is removed) is not claimed again. The ids in
+            # flight are in ``claiming`` until their renames are known, so that
+            # nothing (``recover``, ``Manager._resume``) takes an active/ file of theirs
+            # for an abandoned one meanwhile.
+            ready = []
+            for item, future in batch:
+                if future.cancelled():
+                    continue
+                if item.msg_id in self.claimed:
+                    future.set_result(None)
+                else:
+                    ready.append((item, future))
+            if not ready:
+                continue
+            ids = {item.msg_id for item, _ in ready}
+            self.claiming |= ids
             # An operator may have moved one to queued/ (retry, release) since it was
             # offered from deferred/. The same id may be staged twice (offered again
             # from another folder): the first rename that finds it claims it.
             jobs: list[tuple[str, tuple[str, ...]]] = [
                 (item.msg_id, (item.source,) if item.source == "queued"
-                 else (item.source, "queued")) for item, _ in batch]
+                 else (item.source, "queued")) for item, _ in ready]
             try:
                 results = await asyncio.to_thread(self.spool.claim_many, jobs)
             except BaseException as exc:  # not expected: claim_many reports per message
-                for _, future in batch:
+                # What the thread renamed is in active/ unclaimed: recovery requeues it.
+                self.claiming -= ids
+                error = SpoolError(5, f"cannot claim: {exc!r}")
+                stranded = ready + (self._claims if isinstance(exc, asyncio.CancelledError)
+                                    else [])
+                for _, future in stranded:
                     if not future.done():
-                        future.set_exception(SpoolError(5, f"cannot claim: {exc!r}"))
-                raise
+                        future.set_exception(error)
+                if isinstance(exc, asyncio.CancelledError):
+                    self._claims = []
+                    raise
+                logger.exception("claiming %d message(s) failed", len(ready))
+                continue
+            self.claiming -= ids
             entries: list[dict[str, Any]] = []
             at = self.clock()
-            for (item, future), result in zip(batch, results, strict=True):
+            for (item, future), result in zip(ready, results, strict=True):
                 if result is None:
                     continue
                 if future.cancelled():  # its sender stopped meanwhile: undo the claim
@@ -141,7 +170,7 @@ class Dispatcher(Delivery):
                     self.claimed.pop(entry["id"], None)
                     self._unclaim(entry["id"])
                 error = SpoolError(exc.errno, f"cannot journal a claim: {exc}")
-                for (_, future), result in zip(batch, results, strict=True):
+                for (_, future), result in zip(ready, results, strict=True):
                     if future.done():
                         continue
                     if result is None:
@@ -149,7 +178,7 @@ class Dispatcher(Delivery):
                     else:
                         future.set_exception(error)
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future), result in zip(ready, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
@@ -193,9 +222,10 @@ class Dispatcher(Delivery):
             batch, self._staged = self._staged, []
             try:
                 errors = await asyncio.to_thread(self._commit, batch)
-            except OSError as exc:
+            except Exception as exc:  # OSError, or a record's path that cannot be made
+                errno = exc.errno if isinstance(exc, OSError) and exc.errno else 5
                 for *_, future in batch:
-                    future.set_exception(SpoolError(exc.errno, f"cannot commit: {exc}"))
+                    future.set_exception(SpoolError(errno, f"cannot commit: {exc}"))
             else:
                 for (*_, future), error in zip(batch, errors, strict=True):
                     if error is None:
@@ -302,8 +332,9 @@ class Dispatcher(Delivery):
         """
         counts = {"requeued": 0, "passed": 0, "corrupt": 0, "unsettled": 0}
         for msg_id in self.spool.ids("active"):
-            if msg_id in self.claimed and msg_id not in self.unsettled:
-                continue  # being delivered right now
+            if (msg_id in self.claimed and msg_id not in self.unsettled) or \
+                    msg_id in self.claiming:
+                continue  # being delivered (or claimed) right now
             outcome = self.settle_claim(msg_id, entries.get(msg_id))
             counts[outcome] = counts.get(outcome, 0) + 1
         for stray in self.spool.strays("active"):
