@@ -10,6 +10,8 @@ from email import policy
 from email.parser import BytesParser
 from pathlib import Path
 
+import pytest
+
 from ess_async import Client, Manager
 from ess_async import spool as spool_mod
 from ess_async.delivery import WorkItem
@@ -129,10 +131,17 @@ def _where(dispatcher, msg_id):
     return sorted(str(p.relative_to(ws)) for p in ws.rglob(f"{msg_id}.json"))
 
 
-async def test_stale_second_claim_steals_file_from_a_settling_claim(
-        tmp_path: Path, monkeypatch) -> None:
-    """Found in review: as the same test with a deferral, A's relay is down and X
-    goes back to queued/, where B's stale claim must not take it from under A's commit."""
+@pytest.mark.parametrize(("failing", "b_source", "state", "folder"), [
+    (Deferring, "deferred", "deferred", "deferred"),  # B offered by a timer
+    (RelayDown, "queued", "requeued", "queued"),      # B offered again from queued/
+])
+async def test_a_held_message_is_not_claimed_again_while_it_settles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: type[Transport],
+        b_source: str, state: str, folder: str) -> None:
+    """Found in review. Sender A holds X; sender B stages X while A's claim is in the
+    thread. A's attempt puts X back (deferred, or queued: relay down); B, if let claim,
+    would rename that new file into active/ just before A's commit removes active/X
+    (the message lost from disk), and send X at once, ignoring its backoff."""
     dispatcher, (msg_id,) = _setup(tmp_path, 1)
     commit_paused, b_renamed = threading.Event(), threading.Event()
     first_in, first_go = threading.Event(), threading.Event()
@@ -158,65 +167,17 @@ async def test_stale_second_claim_steals_file_from_a_settling_claim(
     dispatcher.spool.claim_many = claim_many
     monkeypatch.setattr(spool_mod, "crash_point", crash_point)
     b_transport = Blocking()
-    a = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "queued"), Deferring()))
+    a = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "queued"), failing()))
     await asyncio.to_thread(first_in.wait, 5)
-    b = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "deferred"), b_transport))
+    b = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, b_source), b_transport))
     for _ in range(3):
         await asyncio.sleep(0)
     first_go.set()
-    assert await a == "deferred"
-    # B staged X while A held it: not claimed again (it would have taken the file A's
-    # commit then removed, and sent X at once, ignoring its backoff).
-    assert await asyncio.wait_for(b, 5) is None
+    assert await a == state
+    assert await asyncio.wait_for(b, 5) is None  # not claimed again
     assert not b_transport.entered.is_set()
     await dispatcher.drain()
-    assert _where(dispatcher, msg_id) == [f"deferred/{msg_id}.json"]
-    assert dispatcher.claimed == {} and dispatcher.journal.live == {}
-    dispatcher.journal.close()
-
-
-async def test_stale_second_claim_relay_down_both_from_queued(
-        tmp_path: Path, monkeypatch) -> None:
-    """Found in review: as above, but A's relay is down and X goes back to queued/,
-    where B's stale claim (also from queued/) must not take it from under A's commit."""
-    dispatcher, (msg_id,) = _setup(tmp_path, 1)
-    commit_paused, b_renamed = threading.Event(), threading.Event()
-    first_in, first_go = threading.Event(), threading.Event()
-    real_claim_many = dispatcher.spool.claim_many
-    calls = []
-
-    def claim_many(claims):
-        calls.append(claims)
-        if len(calls) == 1:
-            first_in.set()
-            first_go.wait(5)
-            return real_claim_many(claims)
-        commit_paused.wait(5)  # B's batch is just slower than A's send + commit
-        result = real_claim_many(claims)
-        b_renamed.set()
-        return result
-
-    def crash_point(name):
-        if name == "before_unlink_active":
-            commit_paused.set()
-            b_renamed.wait(1)  # B's rename, if B was let claim (it must not be)
-
-    dispatcher.spool.claim_many = claim_many
-    monkeypatch.setattr(spool_mod, "crash_point", crash_point)
-    b_transport = Blocking()
-    a = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "queued"), RelayDown()))
-    await asyncio.to_thread(first_in.wait, 5)
-    b = asyncio.ensure_future(dispatcher.deliver(WorkItem(1, msg_id, "queued"), b_transport))
-    for _ in range(3):
-        await asyncio.sleep(0)
-    first_go.set()
-    assert await a == "requeued"
-    # B staged X while A held it: not claimed again (it would have taken the file A's
-    # commit then removed, and sent X at once, ignoring its backoff).
-    assert await asyncio.wait_for(b, 5) is None
-    assert not b_transport.entered.is_set()
-    await dispatcher.drain()
-    assert _where(dispatcher, msg_id) == [f"queued/{msg_id}.json"]
+    assert _where(dispatcher, msg_id) == [f"{folder}/{msg_id}.json"]
     assert dispatcher.claimed == {} and dispatcher.journal.live == {}
     dispatcher.journal.close()
 
