@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -19,6 +22,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from ess_async.config import Config, parse_config
+from ess_async.lock import lock_holder
 
 from .pgserver import PgServer, pg_available
 
@@ -175,6 +179,83 @@ def make_config(port: int, **sections: dict[str, object]) -> Config:
         assert isinstance(base, dict)
         base.update(values)
     return parse_config(data)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: this one's, without what would steer it
+    (crash points, a workspace, a log level, a password, a store URL), plus ``extra``."""
+    env = dict(os.environ)
+    for name in ("ESS_TEST_CRASH_AT", "ESS_TEST_WORKER_CRASH_AT", "ESS_DATA", "ESS_LOG_LEVEL",
+                 "ESS_SMTP_PASSWORD", "ESS_STORE_URL"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+class Server:
+    """A ``serve`` subprocess whose stdout and stderr go to files."""
+
+    def __init__(self, ws: Path, name: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.ws = ws
+        self.out = ws.parent / f"{name}.out"
+        self.err = ws.parent / f"{name}.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ess_async", "--log-level", "INFO", "serve",
+                 "--workspace", str(ws), *extra],
+                stdout=out, stderr=err, env=cli_env() if env is None else env,
+                cwd=ws.parent)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.err.read_text(errors="replace") + self.out.read_text(errors="replace")
+
+    def wait_serving(self, timeout: float = 30) -> None:
+        """Until it holds the workspace lock (its scan and watcher start right after)."""
+        wait_until(lambda: lock_holder(self.ws) == self.pid or self.proc.poll() is not None,
+                   timeout, "serve to take the workspace lock")
+        assert self.proc.poll() is None, f"serve exited {self.proc.returncode}:\n{self.log()}"
+
+    def terminate_and_wait(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"serve did not exit within {timeout}s:\n{self.log()}") from None
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., Server]]:
+    """Start serve processes; any still running at the end is killed and reaped."""
+    started: list[Server] = []
+
+    def start(ws: Path, *extra: str, name: str = "serve",
+              env: dict[str, str] | None = None) -> Server:
+        server = Server(ws, f"{name}{len(started)}", *extra, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.wait(timeout=30)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30,
+               what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
 
 
 def write_config(workspace: Path, port: int, extra: str = "") -> Path:

@@ -7,7 +7,6 @@ the culprit, exits non-zero, and queues nothing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,10 @@ import pytest
 
 from ess_async import __version__
 
-from .conftest import SMTPServer, write_config
+from .conftest import SMTPServer, cli_env, write_config
 
 FROM = "sender@example.com"
 STATE_KEYS = ("queued", "active", "deferred", "passed", "failed")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("ESS_TEST_CRASH_AT", "ESS_DATA", "ESS_LOG_LEVEL", "ESS_SMTP_PASSWORD"):
-        env.pop(name, None)
-    return env
 
 
 def run(ws: Path | None, command: str, *args: str, log_level: str | None = None,
@@ -42,7 +34,7 @@ def run(ws: Path | None, command: str, *args: str, log_level: str | None = None,
     argv += list(args)
     cwd = ws.parent if ws is not None else None  # a default ./ess_data never lands in /work
     return subprocess.run(argv, capture_output=True, text=True, input=stdin, timeout=timeout,
-                          env={**_env(), **(extra_env or {})}, cwd=cwd)
+                          env=cli_env(**(extra_env or {})), cwd=cwd)
 
 
 def queued(ws: Path) -> list[Path]:

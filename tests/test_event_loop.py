@@ -19,22 +19,15 @@ import pytest
 
 from ess_async import Client, cli
 
-from .conftest import SMTPServer, write_config
+from .conftest import SMTPServer, cli_env, write_config
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("ESS_TEST_CRASH_AT", "ESS_DATA", "ESS_LOG_LEVEL", "ESS_SMTP_PASSWORD"):
-        env.pop(name, None)
-    return env
 
 
 def run(ws: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ess_async", "--log-level", "DEBUG", command,
                            "--workspace", str(ws), *args], capture_output=True, text=True,
-                          timeout=60, env=_env(), cwd=ws.parent)
+                          timeout=60, env=cli_env(), cwd=ws.parent)
 
 
 def queue(ws: Path, n: int) -> None:
@@ -80,7 +73,7 @@ def test_unknown_loop_is_a_usage_error(tmp_path: Path, smtp_server: SMTPServer,
     queue(ws, 1)
     result = subprocess.run([sys.executable, "-m", "ess_async", command, "--workspace",
                              str(ws), "--loop", "trio"], capture_output=True, text=True,
-                            timeout=60, env=_env(), cwd=tmp_path)
+                            timeout=60, env=cli_env(), cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -119,7 +112,7 @@ def test_serve_on_uvloop_delivers_and_stops_on_sigterm(tmp_path: Path,
     with open(err_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "ess_async", "--log-level", "DEBUG",
                                  "serve", "--workspace", str(ws), "--loop", "uvloop"],
-                                stdout=subprocess.DEVNULL, stderr=err, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=err, env=cli_env(),
                                 cwd=tmp_path)
     try:
         smtp_server.handler.wait_for(2)

@@ -4,22 +4,14 @@ name, `$ESS_STORE_URL`, `[store] url`), run as real subprocesses."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import SMTPServer, write_config
+from .conftest import SMTPServer, cli_env, write_config
 
 FILE_STATUS_KEYS = {"queued", "scheduled", "active", "deferred", "held", "passed", "failed",
                     "corrupt", "total", "server_pid", "oldest_queued_age", "last_error"}
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ESS_STORE_URL", "ESS_DATA", "ESS_TEST_CRASH_AT", "ESS_LOG_LEVEL")}
-    env.update(extra)
-    return env
 
 
 def ess(ws: Path, *args: str, env: dict[str, str] | None = None
@@ -27,7 +19,7 @@ def ess(ws: Path, *args: str, env: dict[str, str] | None = None
     command, *rest = args
     return subprocess.run([sys.executable, "-m", "ess_async", command, "--workspace", str(ws),
                            *rest], capture_output=True, text=True, timeout=60,
-                          env=env or _env(), cwd=ws.parent)
+                          env=env or cli_env(), cwd=ws.parent)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -68,9 +60,9 @@ def test_the_url_comes_from_the_environment_or_the_config(tmp_path: Path,
                                                           pg_url: str) -> None:
     ws = tmp_path / "ws"
     write_config(ws, smtp_server.port)
-    ok(ess(ws, "db", "migrate", env=_env(ESS_STORE_URL=pg_url)))
+    ok(ess(ws, "db", "migrate", env=cli_env(ESS_STORE_URL=pg_url)))
     ok(ess(ws, "email", "--to", "r@example.com", "--body", "x",
-           env=_env(ESS_STORE_URL=pg_url)))
+           env=cli_env(ESS_STORE_URL=pg_url)))
     write_config(ws, smtp_server.port, f'\n[store]\nurl = "{pg_url}"\n')
     assert json.loads(ok(ess(ws, "status", "--json")))["queued"] == 1
     assert not (ws / "queued").exists()  # nothing went to the spool folders

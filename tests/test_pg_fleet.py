@@ -13,18 +13,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .conftest import SMTPServer, write_config
-from .test_serve import wait_until
+from .conftest import SMTPServer, cli_env, wait_until, write_config
 
 TOTAL = 5_000
 ENQUEUERS = 2
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("ESS_TEST_CRASH_AT", "ESS_DATA", "ESS_LOG_LEVEL", "ESS_STORE_URL"):
-        env.pop(name, None)
-    return env
 
 
 def _cli(ws: Path, url: str, *args: str, timeout: float = 120
@@ -32,7 +24,7 @@ def _cli(ws: Path, url: str, *args: str, timeout: float = 120
     command, *rest = args
     return subprocess.run([sys.executable, "-m", "ess_async", command, "--workspace", str(ws),
                            "--store", url, *rest], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), cwd=ws.parent)
+                          timeout=timeout, env=cli_env(), cwd=ws.parent)
 
 
 def _serve(ws: Path, url: str, name: str, *extra: str) -> subprocess.Popen[bytes]:
@@ -41,7 +33,7 @@ def _serve(ws: Path, url: str, name: str, *extra: str) -> subprocess.Popen[bytes
         return subprocess.Popen(
             [sys.executable, "-m", "ess_async", "--log-level", "INFO", "serve",
              "--workspace", str(ws), "--store", url, "--spawn", "4", *extra],
-            stdout=err, stderr=err, env=_env(), cwd=ws.parent)
+            stdout=err, stderr=err, env=cli_env(), cwd=ws.parent)
     finally:
         err.close()
 
@@ -92,7 +84,7 @@ def test_a_fleet_delivers_every_message_once_through_a_sigkill(
         per = TOTAL // ENQUEUERS
         enqueuers = [subprocess.Popen([sys.executable, "-c", _ENQUEUE, pg_url,
                                        str(workspaces[i]), str(i * per), str(per)],
-                                      env=_env(), cwd=tmp_path)
+                                      env=cli_env(), cwd=tmp_path)
                      for i in range(ENQUEUERS)]
         procs += enqueuers
         # Mid-run: kill one deliverer outright, then start it again.

@@ -4,14 +4,13 @@ the watcher, the workspace lock, ``stop``, SIGTERM in a backlog and SIGKILL in a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,10 @@ import pytest
 from ess_async import Client
 from ess_async.lock import lock_holder
 
-from .conftest import SMTPServer, write_config
+from .conftest import Server, SMTPServer, cli_env, wait_until, write_config
 
 STATE_KEYS = ("queued", "scheduled", "active", "deferred", "held", "passed", "failed",
               "corrupt")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("ESS_TEST_CRASH_AT", "ESS_DATA", "ESS_LOG_LEVEL", "ESS_SMTP_PASSWORD"):
-        env.pop(name, None)
-    return env
 
 
 def run(ws: Path, command: str, *args: str, log_level: str | None = None,
@@ -38,70 +30,7 @@ def run(ws: Path, command: str, *args: str, log_level: str | None = None,
     if log_level is not None:
         argv += ["--log-level", log_level]
     return subprocess.run([*argv, command, "--workspace", str(ws), *args], capture_output=True,
-                          text=True, timeout=timeout, env=_env(), cwd=ws.parent)
-
-
-class Server:
-    """A ``serve`` subprocess whose stdout and stderr go to files."""
-
-    def __init__(self, ws: Path, name: str, *extra: str) -> None:
-        self.ws = ws
-        self.out = ws.parent / f"{name}.out"
-        self.err = ws.parent / f"{name}.err"
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ess_async", "--log-level", "INFO", "serve",
-                 "--workspace", str(ws), *extra],
-                stdout=out, stderr=err, env=_env(), cwd=ws.parent)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.err.read_text(errors="replace") + self.out.read_text(errors="replace")
-
-    def wait_serving(self, timeout: float = 30) -> None:
-        """Until it holds the workspace lock (its scan and watcher start right after)."""
-        wait_until(lambda: lock_holder(self.ws) == self.pid or self.proc.poll() is not None,
-                   timeout, "serve to take the workspace lock")
-        assert self.proc.poll() is None, f"serve exited {self.proc.returncode}:\n{self.log()}"
-
-    def terminate_and_wait(self, timeout: float = 30) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float = 30) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"serve did not exit within {timeout}s:\n{self.log()}") from None
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[..., Server]]:
-    """Start serve processes; any still running at the end is killed and reaped."""
-    started: list[Server] = []
-
-    def start(ws: Path, *extra: str, name: str = "serve") -> Server:
-        server = Server(ws, f"{name}{len(started)}", *extra)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        server.proc.wait(timeout=30)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30,
-               what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+                          text=True, timeout=timeout, env=cli_env(), cwd=ws.parent)
 
 
 def status(ws: Path) -> dict[str, int]:

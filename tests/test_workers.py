@@ -11,9 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,82 +22,31 @@ from ess_async.errors import ConfigError
 from ess_async.lock import lock_holder
 from ess_async.workers import WorkerPool, merge_entries
 
-from .conftest import SMTPServer, make_config, write_config
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("ESS_TEST_CRASH_AT", "ESS_TEST_WORKER_CRASH_AT", "ESS_DATA",
-                 "ESS_LOG_LEVEL", "ESS_STORE_URL"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
+from .conftest import (
+    RecordingHandler,
+    Server,
+    SMTPServer,
+    cli_env,
+    make_config,
+    wait_until,
+    write_config,
+)
 
 
 def run(ws: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ess_async", "--log-level", "WARNING",
                            command, "--workspace", str(ws), *args], capture_output=True,
-                          text=True, timeout=60, env=_env(), cwd=ws.parent)
+                          text=True, timeout=60, env=cli_env(), cwd=ws.parent)
 
 
-class Serve:
-    """A ``serve`` subprocess; its stderr goes to a file."""
-
-    def __init__(self, ws: Path, name: str, *extra: str, env: dict[str, str]) -> None:
-        self.ws = ws
-        self.err = ws.parent / f"{name}.err"
-        with open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ess_async", "--log-level", "INFO", "serve",
-                 "--workspace", str(ws), *extra],
-                stdout=err, stderr=err, env=env, cwd=ws.parent)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait(self, timeout: float = 30) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"serve did not exit within {timeout}s:\n{self.log()}") from None
-
-    def wait_workers(self, count: int) -> list[int]:
-        """Until ``count`` workers are ready (the supervisor logs it); their pids."""
-        wait_until(lambda: "worker processes ready" in self.log()
-                   or self.proc.poll() is not None, 30, "the workers to be ready")
-        assert self.proc.poll() is None, self.log()
-        pids = worker_pids(self.ws)
-        assert len(pids) == count, (pids, self.log())
-        return sorted(pids.values())
-
-
-@pytest.fixture
-def serves() -> Iterator[Callable[..., Serve]]:
-    started: list[Serve] = []
-
-    def start(ws: Path, *extra: str, env: dict[str, str] | None = None) -> Serve:
-        serve = Serve(ws, f"serve{len(started)}", *extra, env=env or _env())
-        started.append(serve)
-        return serve
-
-    yield start
-    for serve in started:
-        if serve.proc.poll() is None:
-            serve.proc.kill()
-        serve.proc.wait(timeout=30)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30,
-               what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+def wait_workers(serve: Server, count: int) -> list[int]:
+    """Until ``count`` workers are ready (the supervisor logs it); their pids."""
+    wait_until(lambda: "worker processes ready" in serve.log()
+               or serve.proc.poll() is not None, 30, "the workers to be ready")
+    assert serve.proc.poll() is None, serve.log()
+    pids = worker_pids(serve.ws)
+    assert len(pids) == count, (pids, serve.log())
+    return sorted(pids.values())
 
 
 def alive(pid: int) -> bool:
@@ -143,12 +91,12 @@ def journals(ws: Path) -> list[str]:
 
 
 def test_two_processes_deliver_each_message_once(tmp_path: Path, smtp_server: SMTPServer,
-                                                  serves: Callable[..., Serve]) -> None:
+                                                  servers: Callable[..., Server]) -> None:
     ws = tmp_path / "ws"
     write_config(ws, smtp_server.port)
     ids = queue(ws, 40)
-    serve = serves(ws, "--processes", "2", "--spawn", "2")
-    pids = serve.wait_workers(2)
+    serve = servers(ws, "--processes", "2", "--spawn", "2")
+    pids = wait_workers(serve, 2)
     assert all(parent_of(pid) == serve.pid for pid in pids)  # real processes, its own
     ids |= queue(ws, 10, prefix="late")  # found by the supervisor's watcher
     wait_until(lambda: ids_in(ws, "passed") == ids, 30, "every message in passed/")
@@ -169,7 +117,7 @@ def test_two_processes_deliver_each_message_once(tmp_path: Path, smtp_server: SM
 
 @pytest.mark.parametrize("point", ["after_journal", "after_claim"])
 def test_killed_worker_is_settled_and_replaced(tmp_path: Path, smtp_server: SMTPServer,
-                                               serves: Callable[..., Serve],
+                                               servers: Callable[..., Server],
                                                point: str) -> None:
     """Worker w1 dies by SIGKILL at ``point`` of its third message: the supervisor
     settles what it held from its journal (accepted: passed, never resent; claimed only:
@@ -180,8 +128,8 @@ def test_killed_worker_is_settled_and_replaced(tmp_path: Path, smtp_server: SMTP
     ids = queue(ws, n)
     # One sender per worker: nothing else of w1's is in flight when it dies (another
     # send could be in the documented window, accepted and not yet journaled).
-    serve = serves(ws, "--processes", "2", "--spawn", "1",
-                   env=_env(ESS_TEST_WORKER_CRASH_AT=f"w1={point}:3"))
+    serve = servers(ws, "--processes", "2", "--spawn", "1",
+                   env=cli_env(ESS_TEST_WORKER_CRASH_AT=f"w1={point}:3"))
     wait_until(lambda: ids_in(ws, "passed") == ids or serve.proc.poll() is not None, 30,
                "every message in passed/")
     assert serve.proc.poll() is None, serve.log()
@@ -209,35 +157,46 @@ def claims_of(ws: Path, worker: str) -> set[str]:
     return {json.loads(line)["id"] for line in lines if '"claim"' in line}
 
 
-def hang_after(handler: object, count: int) -> None:
-    """The sink answers ``count`` messages, then keeps every sender waiting for the
-    reply to its data (until ``handler.release`` is set)."""
-    handler.hold_after["DATA"] = count  # type: ignore[attr-defined]
-    handler.hold.add("DATA")  # type: ignore[attr-defined]
+SPAWN = 2  # senders per worker in the tests below
 
 
-def senders_hang(ws: Path, answered: int, senders: int) -> None:
-    """Until the sink's ``answered`` messages are in passed/ and every sender holds a
-    claim waiting for its reply: only those are in active/ from then on."""
-    wait_until(lambda: len(ids_in(ws, "passed")) == answered
-               and len(ids_in(ws, "active")) == senders, 30,
+def serve_until_senders_hang(ws: Path, smtp_server: SMTPServer,
+                             servers: Callable[..., Server]) -> tuple[set[str], Server, list[int]]:
+    """40 messages queued, ``serve --processes 2 --spawn 2``: the sink answers 10, then
+    keeps every sender waiting for the reply to its data (until ``handler.release`` is
+    set). Returns once those 10 are in passed/ and each sender holds a claim waiting for
+    its reply (only those are in active/ from then on): the ids, serve, the workers' pids."""
+    write_config(ws, smtp_server.port)
+    ids = queue(ws, 40)
+    smtp_server.handler.hold_after["DATA"] = 10
+    smtp_server.handler.hold.add("DATA")
+    serve = servers(ws, "--processes", "2", "--spawn", str(SPAWN))
+    pids = wait_workers(serve, 2)
+    wait_until(lambda: len(ids_in(ws, "passed")) == 10
+               and len(ids_in(ws, "active")) == 2 * SPAWN, 30,
                "every sender to wait for its reply")
+    return ids, serve, pids
+
+
+def assert_only_in_flight_resent(ws: Path, handler: RecordingHandler,
+                                 in_flight: set[str]) -> None:
+    """Every message arrived; only those sent without a reply (outcome unknown) twice."""
+    received = Counter(handler.subjects())
+    assert set(received) == {f"m{i}" for i in range(40)}
+    subject = {p.stem: json.loads(p.read_bytes())["subject"]
+               for p in (ws / "passed").rglob("*.json")}
+    resent = {s for s, copies in received.items() if copies > 1}
+    assert max(received.values()) <= 2 and resent <= {subject[i] for i in in_flight}
 
 
 def test_worker_killed_by_pid_mid_send_loses_nothing(
-        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
-    n, spawn = 40, 2
+        tmp_path: Path, smtp_server: SMTPServer, servers: Callable[..., Server]) -> None:
     ws = tmp_path / "ws"
-    write_config(ws, smtp_server.port)
-    ids = queue(ws, n)
+    ids, serve, _ = serve_until_senders_hang(ws, smtp_server, servers)
     handler = smtp_server.handler
-    hang_after(handler, 10)
-    serve = serves(ws, "--processes", "2", "--spawn", str(spawn))
-    serve.wait_workers(2)
-    senders_hang(ws, 10, 2 * spawn)
     victim = worker_pids(ws)["w2"]
     in_flight = claims_of(ws, "w2") & ids_in(ws, "active")
-    assert len(in_flight) == spawn
+    assert len(in_flight) == SPAWN
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: worker_pids(ws).get("w2", victim) != victim, 30, "a new w2")
     handler.hold.clear()
@@ -247,27 +206,15 @@ def test_worker_killed_by_pid_mid_send_loses_nothing(
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.wait() == 0, serve.log()
     assert "holding claims: {'requeued': 2}" in serve.log()
-    received = Counter(handler.subjects())
-    assert set(received) == {f"m{i}" for i in range(n)}
-    # Resent only what the killed worker had sent without a reply (outcome unknown).
-    subject = {p.stem: json.loads(p.read_bytes())["subject"]
-               for p in (ws / "passed").rglob("*.json")}
-    resent = {s for s, copies in received.items() if copies > 1}
-    assert max(received.values()) <= 2 and resent <= {subject[i] for i in in_flight}
+    assert_only_in_flight_resent(ws, handler, in_flight)
     assert ids_in(ws, "active") == set()
 
 
 def test_killed_supervisor_takes_its_workers_and_the_next_start_recovers(
-        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
-    n, spawn = 40, 2
+        tmp_path: Path, smtp_server: SMTPServer, servers: Callable[..., Server]) -> None:
     ws = tmp_path / "ws"
-    write_config(ws, smtp_server.port)
-    ids = queue(ws, n)
+    ids, serve, pids = serve_until_senders_hang(ws, smtp_server, servers)
     handler = smtp_server.handler
-    hang_after(handler, 10)
-    serve = serves(ws, "--processes", "2", "--spawn", str(spawn))
-    pids = serve.wait_workers(2)
-    senders_hang(ws, 10, 2 * spawn)
     in_flight = ids_in(ws, "active")
     serve.proc.send_signal(signal.SIGKILL)
     assert serve.wait() == -signal.SIGKILL
@@ -279,44 +226,33 @@ def test_killed_supervisor_takes_its_workers_and_the_next_start_recovers(
     handler.hold.clear()
     handler.release.set()
 
-    again = serves(ws, "--processes", "2", "--spawn", str(spawn))
+    again = servers(ws, "--processes", "2", "--spawn", str(SPAWN))
     wait_until(lambda: ids_in(ws, "passed") == ids or again.proc.poll() is not None, 30,
                "every message in passed/")
     again.proc.send_signal(signal.SIGTERM)
     assert again.wait() == 0, again.log()
     assert "recovered claims from an earlier run: {'requeued': 4," in again.log()
-    received = Counter(handler.subjects())
-    assert set(received) == {f"m{i}" for i in range(n)}
-    subject = {p.stem: json.loads(p.read_bytes())["subject"]
-               for p in (ws / "passed").rglob("*.json")}
-    resent = {s for s, copies in received.items() if copies > 1}
-    assert max(received.values()) <= 2 and resent <= {subject[i] for i in in_flight}
+    assert_only_in_flight_resent(ws, handler, in_flight)
     assert ids_in(ws, "active") == set() and ids_in(ws, "queued") == set()
     assert journals(ws) == []
 
 
 def test_sigterm_lets_the_workers_finish_their_sends(
-        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
-    n, spawn = 40, 2
+        tmp_path: Path, smtp_server: SMTPServer, servers: Callable[..., Server]) -> None:
     ws = tmp_path / "ws"
-    write_config(ws, smtp_server.port)
-    ids = queue(ws, n)
+    ids, serve, pids = serve_until_senders_hang(ws, smtp_server, servers)
     handler = smtp_server.handler
-    hang_after(handler, 10)
-    serve = serves(ws, "--processes", "2", "--spawn", str(spawn))
-    pids = serve.wait_workers(2)
-    senders_hang(ws, 10, 2 * spawn)
     in_flight = ids_in(ws, "active")
     serve.proc.send_signal(signal.SIGTERM)
     # Each worker got SIGTERM and waits (within grace) for its sends: let them finish.
-    wait_until(lambda: serve.log().count(f"for {spawn} in-flight sends") == 2, 30,
+    wait_until(lambda: serve.log().count(f"for {SPAWN} in-flight sends") == 2, 30,
                "both workers to wait for their sends")
     handler.hold.clear()
     handler.release.set()
     assert serve.wait() == 0, serve.log()
     assert lock_holder(ws) is None and not any(alive(pid) for pid in pids)
     passed, queued = ids_in(ws, "passed"), ids_in(ws, "queued")
-    assert len(passed) == 10 + 2 * spawn and passed >= in_flight  # finished, not cut
+    assert len(passed) == 10 + 2 * SPAWN and passed >= in_flight  # finished, not cut
     assert passed | queued == ids and ids_in(ws, "active") == set()
     received = Counter(handler.subjects())
     assert set(received.values()) == {1} and sum(received.values()) == len(passed)
@@ -324,7 +260,7 @@ def test_sigterm_lets_the_workers_finish_their_sends(
 
 
 def test_a_worker_that_cannot_start_stops_serve(tmp_path: Path, smtp_server: SMTPServer,
-                                               serves: Callable[..., Serve]) -> None:
+                                               servers: Callable[..., Server]) -> None:
     import fcntl
 
     ws = tmp_path / "ws"
@@ -332,21 +268,21 @@ def test_a_worker_that_cannot_start_stops_serve(tmp_path: Path, smtp_server: SMT
     (ws / "journal").mkdir()
     with open(ws / "journal" / "w1.lock", "w") as held:  # as if w1 were still running
         fcntl.flock(held, fcntl.LOCK_EX)
-        serve = serves(ws, "--processes", "2")
+        serve = servers(ws, "--processes", "2")
         assert serve.wait() == 2, serve.log()
     assert "worker w1 exited with 2 before it was ready" in serve.log()
     assert lock_holder(ws) is None and worker_pids(ws) == {}
 
 
 def test_push_back_seen_by_one_worker_pauses_them_all(
-        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
+        tmp_path: Path, smtp_server: SMTPServer, servers: Callable[..., Server]) -> None:
     n = 20
     ws = tmp_path / "ws"
     write_config(ws, smtp_server.port)
     ids = queue(ws, n)
     handler = smtp_server.handler
     handler.mail_replies.append("421 4.7.0 Too many connections, slow down")
-    serve = serves(ws, "--processes", "2", "--spawn", "2")
+    serve = servers(ws, "--processes", "2", "--spawn", "2")
     wait_until(lambda: ids_in(ws, "passed") == ids, 30, "every message in passed/")
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.wait() == 0, serve.log()
@@ -385,18 +321,18 @@ def test_next_start_settles_every_worker_journal(tmp_path: Path,
 
 
 def test_second_serve_is_refused_while_the_supervisor_runs(
-        tmp_path: Path, smtp_server: SMTPServer, serves: Callable[..., Serve]) -> None:
+        tmp_path: Path, smtp_server: SMTPServer, servers: Callable[..., Server]) -> None:
     ws = tmp_path / "ws"
     write_config(ws, smtp_server.port)
-    serve = serves(ws, "--processes", "2")
-    serve.wait_workers(2)
+    serve = servers(ws, "--processes", "2")
+    wait_workers(serve, 2)
     assert lock_holder(ws) == serve.pid  # the supervisor holds the workspace lock
     for command in ("serve", "process", "cleanup"):
         refused = run(ws, command)
         assert refused.returncode != 0, refused.stdout
         assert "already being delivered" in refused.stderr, refused.stderr
         assert str(serve.pid) in refused.stderr
-    second = serves(ws, "--processes", "2")
+    second = servers(ws, "--processes", "2")
     assert second.wait() != 0
     assert serve.proc.poll() is None and lock_holder(ws) == serve.pid
     queue(ws, 3)
