@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import aiofiles.os
 
+from .batching import Batcher
 from .delivery import Delivery, WorkItem, WorkloadSummary
 from .errors import SpoolError
 from .expiry import is_expired
@@ -55,11 +56,10 @@ class Dispatcher(Delivery):
         self.journal = journal
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
-        self._staged: list[tuple[str, dict[str, Any], bytes, asyncio.Future[None]]] = []
+        self._commits: Batcher[tuple[str, dict[str, Any], bytes], None] = Batcher(self._commit)
         self._claims: list[tuple[WorkItem, asyncio.Future[_Claim]]] = []
         self.claiming: set[str] = set()  # ids whose claim (rename) is in flight
         self._claimer: asyncio.Future[None] | None = None
-        self._committer: asyncio.Future[None] | None = None
 
     # -- one message -----------------------------------------------------------------
 
@@ -204,34 +204,23 @@ class Dispatcher(Delivery):
             data = await asyncio.to_thread(encode_record, record)
         else:
             data = encode_record(record)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._staged.append((state, record, data, future))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.ensure_future(self._commit_staged())
-        await asyncio.shield(future)
+        await self._commits.submit((state, record, data))
 
-    def _commit(self, batch: list[tuple[str, dict[str, Any], bytes, Any]]
-                ) -> list[OSError | None]:
-        """The thread job of a group commit: the records' paths, then ``Spool.commit``."""
+    async def _commit(self, batch: list[tuple[str, dict[str, Any], bytes]]
+                      ) -> list[OSError | None]:
+        """A group commit (``Batcher``): the records' paths, then ``Spool.commit``, in one
+        thread job; per record the error that kept it out, or None."""
         spool = self.spool
-        return spool.commit([(spool.target(state, record), data)
-                             for state, record, data, _ in batch])
 
-    async def _commit_staged(self) -> None:
-        while self._staged:
-            batch, self._staged = self._staged, []
-            try:
-                errors = await asyncio.to_thread(self._commit, batch)
-            except Exception as exc:  # OSError, or a record's path that cannot be made
-                errno = exc.errno if isinstance(exc, OSError) and exc.errno else 5
-                for *_, future in batch:
-                    future.set_exception(SpoolError(errno, f"cannot commit: {exc}"))
-            else:
-                for (*_, future), error in zip(batch, errors, strict=True):
-                    if error is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(error)
+        def job() -> list[OSError | None]:
+            return spool.commit([(spool.target(state, record), data)
+                                 for state, record, data in batch])
+
+        try:
+            return await asyncio.to_thread(job)
+        except Exception as exc:  # OSError, or a record's path that cannot be made
+            errno = exc.errno if isinstance(exc, OSError) and exc.errno else 5
+            raise SpoolError(errno, f"cannot commit: {exc}") from None
 
     def settle_claim(self, msg_id: str, entry: dict[str, Any] | None) -> str:
         """Settle one message left in ``active/``; ``entry`` is its last journal entry.
@@ -316,8 +305,7 @@ class Dispatcher(Delivery):
         await super().drain()
         if self._claimer is not None:
             await asyncio.gather(self._claimer, return_exceptions=True)
-        if self._committer is not None:
-            await asyncio.gather(self._committer, return_exceptions=True)
+        await self._commits.drain()
 
     # -- recovery --------------------------------------------------------------------
 
