@@ -110,14 +110,7 @@ class Journal:
     def append(self, entry: dict[str, Any]) -> None:
         """Append without waiting for the disk (for entries a crash may lose). The entry
         is the message's live one until ``settle`` even if the write fails."""
-        self.live[entry["id"]] = entry
-        self._written += 1
-        self._since_compact += 1
-        line = _encode(entry)
-        if self._held is not None:
-            self._held.append(line)
-        else:
-            self._write(line)
+        self.append_many([entry])
 
     def append_many(self, entries: list[dict[str, Any]]) -> None:
         """``append`` for several entries, in one write."""
