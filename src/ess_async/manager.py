@@ -67,12 +67,6 @@ JOURNAL_NAME = "journal.log"
 _RESCAN_SECONDS = 30.0  # safety net for watcher events that never came
 _RESCAN_SHARE = 0.05  # at most this share of the time spent listing queued/ again
 _RESCAN_MAX = 600.0  # ...but the safety net (timers too) runs at least every 10 minutes
-
-
-def rescan_interval(listing_seconds: float) -> float:
-    """Seconds between the safety-net listings of ``queued/``, given how long the
-    latest one took."""
-    return min(_RESCAN_MAX, max(_RESCAN_SECONDS, listing_seconds / _RESCAN_SHARE))
 _PRUNE_SECONDS = 600.0  # retention runs this often while serving
 _CHUNK = 1_000  # ids offered or timed per event-loop step (keeps each step short)
 # A scan of queued/ is kept as a compact backlog (sorted runs of ids packed in strings,
@@ -87,6 +81,12 @@ _QUEUED_NAME = re.compile(ID_PATTERN.pattern.rstrip("$") + r"\.json")  # fullmat
 # holds it up to the switch interval (5 ms) each time, which stretched loop steps to
 # hundreds of ms and cut throughput on a 1M backlog (issue 11 item 5).
 _LIST_BURST, _LIST_PAUSE = 1_000, 0.002
+
+
+def rescan_interval(listing_seconds: float) -> float:
+    """Seconds between the safety-net listings of ``queued/``, given how long the
+    latest one took."""
+    return min(_RESCAN_MAX, max(_RESCAN_SECONDS, listing_seconds / _RESCAN_SHARE))
 
 
 def store_url(explicit: str | None, config: Config) -> str:
