@@ -109,6 +109,9 @@ class Dispatcher(Delivery):
             raise
 
     async def _claim_staged(self) -> None:
+        # Batcher-shaped, but not a ``batching.Batcher``: between the renames and the
+        # journal write it must see which senders still wait (a stopped one's claim is
+        # undone, never journaled) and, before the renames, which ids may be claimed.
         while self._claims:
             batch, self._claims = self._claims, []
             # Decided on the loop, as a claim always was: an id another sender holds
