@@ -33,8 +33,8 @@ def run_cli(workspace: Path, *args: str, crash_at: str | None = None) -> int:
 
 @pytest.mark.parametrize(
     ("point", "duplicates"),
-    [("after_claim", 0), ("after_mail_from", 0), ("during_data", 0), ("after_250", 1),
-     ("after_journal", 0)],
+    [("after_claim_rename", 0), ("after_claim", 0), ("after_mail_from", 0),
+     ("during_data", 0), ("after_250", 1), ("after_journal", 0)],
 )
 def test_crash_while_delivering(tmp_path: Path, smtp_server: SMTPServer, point: str,
                                 duplicates: int) -> None:

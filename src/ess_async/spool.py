@@ -374,6 +374,7 @@ class Spool:
                 if not any(self.rename(msg_id, source, "active") for source in sources):
                     results.append(None)
                     continue
+                crash_point("after_claim_rename")  # renamed, its claim not yet journaled
                 record = self.read_small(f"{self._dirs['active']}/{msg_id}.json",
                                          self.max_size)
                 assert record is not None
