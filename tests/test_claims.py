@@ -160,7 +160,7 @@ async def test_a_held_message_is_not_claimed_again_while_it_settles(
         return result
 
     def crash_point(name):
-        if name == "before_unlink_active":
+        if name == "after_next_state":
             commit_paused.set()
             b_renamed.wait(1)  # B's rename, if B was let claim (it must not be)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ess_async import __version__
+from ess_async.spool import decode_record
 
 from .conftest import SMTPServer, cli_env, write_config
 
@@ -108,7 +109,7 @@ def test_email_all_headers_queued_privately_then_delivered(tmp_path: Path,
     assert (ws / "queued").stat().st_mode & 0o777 == 0o700
     assert ws.stat().st_mode & 0o777 == 0o700
     assert queued(ws) == [path]
-    record = json.loads(path.read_text())
+    record = decode_record(path.read_bytes())
     assert record["subject"] == "Hello there"
     assert record["bcc_count"] == 1
 

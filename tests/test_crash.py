@@ -3,7 +3,6 @@ only duplicate is the unavoidable one (the server said 250, the journal had not 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ess_async import Client
+from ess_async.spool import decode_record
 
 from .conftest import SMTPServer, write_config
 
@@ -70,7 +70,7 @@ def test_crash_between_next_state_and_active(tmp_path: Path, smtp_server: SMTPSe
     (ws / "config.toml").write_text(config)
     Client(ws).create_work(to="a@example.com", subject="one")
     smtp_server.handler.data_replies.append(reply)
-    assert run_cli(ws, "process", crash_at="before_unlink_active") == -9
+    assert run_cli(ws, "process", crash_at="after_next_state") == -9
     assert (ws / "active").iterdir()  # both copies are on disk now
     assert run_cli(ws, "process") == 0
     counts = {s: len(list((ws / s).rglob("*.json")))
@@ -136,7 +136,7 @@ def test_kills_across_journal_compactions(tmp_path: Path, smtp_server: SMTPServe
         subject_of[path.stem] = f"m{i}"
 
     window: Counter[str] = Counter()
-    points = ["after_journal", "during_data", "after_claim", "before_unlink_active",
+    points = ["after_journal", "during_data", "after_claim", "after_next_state",
               "after_250", "after_mail_from"]
     for round_no in range(12):
         point = points[round_no % len(points)]
@@ -184,5 +184,5 @@ def test_crash_between_transactions_sends_nobody_the_message_twice(
     assert run_cli(ws, "process") == 0
     delivered = [r for m in smtp_server.handler.messages for r in m.rcpt_tos]
     assert sorted(delivered) == to  # each recipient exactly once
-    (record,) = [json.loads(p.read_text()) for p in (ws / "passed").rglob("*.json")]
+    (record,) = [decode_record(p.read_bytes()) for p in (ws / "passed").rglob("*.json")]
     assert sorted(record["delivered_to"]) == to

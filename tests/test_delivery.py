@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from ess_async import Client, Manager, WorkspaceLockedError
+from ess_async.spool import decode_record
 
 from .conftest import FakeClock, SMTPServer, free_port, make_config
 
 
 def final_records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 async def test_round_trip(tmp_path: Path, smtp_server: SMTPServer) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ess_async import Client
+from ess_async.spool import decode_record
 
 from .conftest import SMTPServer, write_config
 
@@ -69,7 +70,7 @@ def test_passed_record_unwritable_is_not_resent(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     assert smtp_server.handler.subjects() == ["once"]
     (passed,) = list((ws / "passed").rglob("*.json"))
-    assert json.loads(passed.read_text())["result"]["code"] == 250
+    assert decode_record(passed.read_bytes())["result"]["code"] == 250
 
 
 def test_unwritable_deferral_puts_the_message_back(tmp_path: Path,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from django.db import connection, transaction  # noqa: E402
 from django.test.utils import override_settings  # noqa: E402
 
 from ess_async import Manager, MessageError  # noqa: E402
+from ess_async.spool import decode_record  # noqa: E402
 from tests.conftest import SMTPServer, make_config, write_config  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def _deliver(workspace: Path, smtp_server: SMTPServer) -> None:
 
 
 def _queued(workspace: Path) -> list[dict[str, object]]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / "queued").glob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / "queued").glob("*.json"))]
 
 
 def test_send_mail_and_mass_mail_are_delivered(workspace: Path,
@@ -112,7 +112,7 @@ def test_option_headers_are_applied_and_removed(workspace: Path) -> None:
     assert message.send() == 1
     assert mail.EmailMessage("Later", "body", None, ["a@example.com"],
                              headers=headers).send() == 1
-    records = [json.loads(p.read_text()) for p in (workspace / "scheduled").glob("*.json")]
+    records = [decode_record(p.read_bytes()) for p in (workspace / "scheduled").glob("*.json")]
     assert len(records) == 1
     [record] = records
     assert record["priority"] == "high"

@@ -4,7 +4,6 @@ max_per_minute, a "*" default) and push-back per recipient domain."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 import tomllib
@@ -16,6 +15,7 @@ from ess_async import Manager
 from ess_async.config import CONFIG_TEMPLATE, DomainLimits, parse_config
 from ess_async.errors import ConfigError
 from ess_async.limits import DomainLimiter, domains_of, pushback_domains
+from ess_async.spool import decode_record
 
 from .conftest import RecordingHandler, SMTPServer, make_config
 
@@ -37,7 +37,7 @@ def timed(server: SMTPServer) -> list[tuple[float, str]]:
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 class Clock:

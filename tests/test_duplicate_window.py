@@ -17,6 +17,7 @@ import pytest
 
 from ess_async import Client, Manager, faults
 from ess_async.journal import replay
+from ess_async.spool import decode_record
 
 from .conftest import SMTPServer, make_config
 
@@ -31,7 +32,7 @@ def _no_leftover_faults() -> object:
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 async def test_compaction_keeps_entries_written_but_not_yet_synced(
@@ -154,7 +155,7 @@ async def test_non_finite_time_is_quarantined_and_timers_go_on(
     hostile = client.create_work(to="a@example.com", subject="hostile")
     good = client.create_work(to="a@example.com", subject="good")
     for path, due in ((hostile, bad), (good, "0.5")):
-        record = json.loads(path.read_text())
+        record = decode_record(path.read_bytes())
         record.update(state="deferred", attempts=1, next_attempt_at="DUE")
         text = json.dumps(record).replace('"DUE"', due)
         (ws / "deferred" / path.name).write_text(text)

@@ -3,19 +3,19 @@ against a real aiosmtpd server with an injected clock (no sleeping)."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from ess_async import Client, Manager, MessageError
+from ess_async.spool import decode_record
 
 from .conftest import FakeClock, SMTPServer, make_config
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 async def test_expired_message_is_never_sent(tmp_path: Path, smtp_server: SMTPServer) -> None:
@@ -27,7 +27,7 @@ async def test_expired_message_is_never_sent(tmp_path: Path, smtp_server: SMTPSe
     stale = await manager.create_work(to="a@example.com", subject="code 123456",
                                       expires_in=60)
     fresh = await manager.create_work(to="a@example.com", subject="later", expires_in=600)
-    assert json.loads(stale.read_text())["expires_at"] == clock.now + 60
+    assert decode_record(stale.read_bytes())["expires_at"] == clock.now + 60
     clock.advance(61)
     summary = await manager.process_workload()
     assert (summary.passed, summary.failed) == (1, 1)
@@ -98,5 +98,5 @@ def test_expiry_validation(tmp_path: Path) -> None:
     assert not list((tmp_path / "ws").rglob("*.json"))
     path = client.create_work(to="a@example.com", subject="x",
                               expires_at=now + timedelta(hours=1))
-    assert json.loads(path.read_text())["expires_at"] == pytest.approx(
+    assert decode_record(path.read_bytes())["expires_at"] == pytest.approx(
         (now + timedelta(hours=1)).timestamp())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from email import message_from_bytes, policy
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from ess_async import Manager
 from ess_async.config import parse_config
+from ess_async.spool import decode_record
 from ess_async.transports import FileTransport
 
 
@@ -32,7 +32,7 @@ async def test_each_message_is_an_eml_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     files = sorted(os.listdir(folder))
     assert len(files) == 2 and all(f.endswith(".eml") for f in files)
-    passed = {r["subject"]: r for r in (json.loads(p.read_text())
+    passed = {r["subject"]: r for r in (decode_record(p.read_bytes())
                                         for p in (tmp_path / "ws" / "passed").rglob("*.json"))}
     for name in files:
         path = folder / name
@@ -63,7 +63,7 @@ async def test_path_setting_and_unwritable_folder(tmp_path: Path) -> None:
     await manager.create_work(to="a@example.com", subject="s", body="b")
     await manager.process_workload()
     (queued,) = (tmp_path / "ws2" / "queued").glob("*.json")
-    record = json.loads(queued.read_text())
+    record = decode_record(queued.read_bytes())
     assert record["attempts"] == 0 and record["last_error"]["destination"] is True
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ess_async import Client, Manager
+from ess_async.spool import decode_record
 
 from .conftest import SMTPServer, make_config
 
@@ -24,7 +25,7 @@ async def test_retention_by_age_and_count(tmp_path: Path, smtp_server: SMTPServe
     old_shard = ws / "passed" / time.strftime("%Y-%m-%d", time.gmtime(ten_days_ago))
     old_shard.mkdir()
     for path in passed[:4]:  # finished ten days ago, as their records and shard say
-        record = json.loads(path.read_bytes())
+        record = decode_record(path.read_bytes())
         record["finished_at"] = ten_days_ago
         (old_shard / path.name).write_text(json.dumps(record))
         path.unlink()

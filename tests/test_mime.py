@@ -6,7 +6,6 @@ the received bytes (``tests/mime_checks.py``), parsed with ``policy.strict``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ import pytest
 
 from ess_async import ConfigError, Manager
 from ess_async.message import build_message
+from ess_async.spool import decode_record
 
 from .conftest import FakeClock, Received, SMTPServer, make_config
 from .mime_checks import ENCODED_WORD, header_value, parse_strict, wire_problems
@@ -222,7 +222,8 @@ async def test_date_is_the_first_attempt_and_retries_keep_it(
     for got in smtp_server.handler.messages:
         assert wire_problems(got.data) == []
     # The spool's final record holds the text as sent.
-    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "ws" / "passed").rglob("*.json")]
+    (record,) = [decode_record(p.read_bytes())
+                 for p in (tmp_path / "ws" / "passed").rglob("*.json")]
     assert "date_pending" not in record
     assert record["raw"].encode("ascii") == smtp_server.handler.messages[-1].data
 

@@ -4,12 +4,12 @@ accept TCP and say nothing. Per-command timeouts; no sender stuck; nothing lost.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 
 from ess_async import Client, Manager
+from ess_async.spool import decode_record
 
 from .conftest import FakeClock, make_config
 
@@ -105,7 +105,7 @@ class RawServer:
 
 def deferred_errors(workspace: Path) -> list[dict]:
     """The last errors of deferred messages, and of queued ones put back uncharged."""
-    records = [json.loads(p.read_text()) for state in ("deferred", "queued")
+    records = [decode_record(p.read_bytes()) for state in ("deferred", "queued")
                for p in (workspace / state).glob("*.json")]
     return [r["last_error"] for r in records if r["last_error"]]
 

@@ -20,6 +20,7 @@ import pytest
 from ess_async import Client, Manager, MessageNotFound
 from ess_async.lock import lock_holder
 from ess_async.ops import MessageBusy, MessageStateError, QueueOps, parse_duration
+from ess_async.spool import decode_record
 
 from .conftest import FakeClock, SMTPServer, make_config
 
@@ -72,7 +73,7 @@ def wait_state(ops: QueueOps, msg_id: str, state: str, timeout: float = 20.0) ->
 
 
 def record(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_bytes())
+    data: dict[str, Any] = decode_record(path.read_bytes())
     return data
 
 

@@ -6,7 +6,6 @@ those recipients: the rest go in further transactions on the same connection at 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from ess_async import Manager
 from ess_async.errors import TemporaryDeliveryError
+from ess_async.spool import decode_record
 from ess_async.transports.smtp import SMTPTransport
 
 from .conftest import FakeClock, SMTPServer, make_config
@@ -29,7 +29,7 @@ def rcpts(count: int, start: int = 0) -> list[str]:
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 @pytest.fixture

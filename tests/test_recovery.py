@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ess_async import Client, Manager
 from ess_async.journal import replay
+from ess_async.spool import decode_record
 
 from .conftest import SMTPServer, make_config
 
@@ -50,7 +51,7 @@ async def test_accepted_in_journal_is_never_resent(tmp_path: Path,
     assert summary.total == 0
     assert smtp_server.handler.messages == []
     (passed,) = list((ws / "passed").rglob("*.json"))
-    record = json.loads(passed.read_text())
+    record = decode_record(passed.read_bytes())
     assert record["result"] == {"code": 250, "message": "OK queued as 1234", "refused": {}}
     assert passed.parent.name == "2027-01-15"  # sharded by the journaled acceptance time
     assert manager.status()["active"] == 0
@@ -77,7 +78,7 @@ async def test_hostile_spool_is_quarantined(tmp_path: Path, smtp_server: SMTPSer
     os.mkfifo(queued / "00000000000000000008-n00000011.json")
     (queued / "00000000000000000009-n00000012.json").mkdir()
     (queued / "evil name.json").write_bytes(b"{}")
-    wrong_id = json.loads(good[0].read_text())
+    wrong_id = decode_record(good[0].read_bytes())
     (queued / "00000000000000000010-n00000013.json").write_text(json.dumps(wrong_id))
 
     summary = await Manager(ws, config=config).process_workload()
@@ -114,7 +115,7 @@ async def test_spool_record_cannot_inject_smtp_commands(tmp_path: Path,
     ws = tmp_path / "ws"
     config = make_config(smtp_server.port)
     path = Client(ws, config=config).create_work(to="a@example.com", subject="tampered")
-    record = json.loads(path.read_text())
+    record = decode_record(path.read_bytes())
     record["recipients"] = ["a@example.com>\r\nRCPT TO:<evil@example.com"]
     path.write_text(json.dumps(record))
     summary = await Manager(ws, config=config).process_workload()

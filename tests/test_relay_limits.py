@@ -7,13 +7,13 @@ serve), and counts every connection it sees."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from ess_async import Client, Manager
+from ess_async.spool import decode_record
 
 from .conftest import SMTPServer, make_config
 
@@ -88,7 +88,7 @@ async def relay(smtp_server: SMTPServer) -> AsyncIterator[RelayProxy]:
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 async def test_connection_limit_of_two_costs_no_attempts(

@@ -7,7 +7,6 @@ exact reply."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import trustme
 from ess_async import Manager
 from ess_async.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from ess_async.replies import ReplyKind, classify
+from ess_async.spool import decode_record
 from ess_async.transports.smtp import SMTPTransport
 
 from .conftest import SMTPServer, free_port, make_config
@@ -63,7 +63,7 @@ def script(server: SMTPServer, phase: str, reply: str) -> None:
 
 
 def records(workspace: Path, *states: str) -> list[dict]:
-    return [json.loads(p.read_text()) for state in states
+    return [decode_record(p.read_bytes()) for state in states
             for p in sorted((workspace / state).rglob("*.json"))]
 
 

@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 
 from ess_async import Manager, SendResult, TemporaryDeliveryError, Transport
+from ess_async.spool import decode_record
 from ess_async.throttle import Throttle
 
 from .conftest import FakeClock, SMTPServer, make_config
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 async def test_4xx_recipient_is_retried_alone(tmp_path: Path, smtp_server: SMTPServer) -> None:

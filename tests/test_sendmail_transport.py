@@ -16,6 +16,7 @@ import pytest
 from ess_async import ConfigError, Manager
 from ess_async.config import TransportConfig, parse_config
 from ess_async.errors import PermanentDeliveryError
+from ess_async.spool import decode_record
 from ess_async.transports import SendmailTransport, create_transport
 
 FAKE_SENDMAIL = """\
@@ -64,7 +65,7 @@ def runs(folder: Path) -> list[dict]:
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 def sendmail_manager(workspace: Path, script: Path, spawn: int = 1, **sendmail: object,
@@ -246,6 +247,7 @@ async def test_memory_transport_registered(tmp_path: Path) -> None:
 
 HAS_IT_ALL = f"""#!{sys.executable}
 import sys, time, pathlib
+from ess_async.spool import decode_record
 data = sys.stdin.buffer.read()
 pathlib.Path(__file__).with_name("got").write_bytes(data)   # it has the whole message
 time.sleep(60)                                              # e.g. slow local delivery
@@ -271,6 +273,7 @@ async def test_stop_while_the_program_has_the_message_is_outcome_unknown(
         async with asyncio.timeout(20):
             while not (tmp_path / "got").exists():
                 await asyncio.sleep(0.05)
-    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "ws" / "deferred").iterdir()]
+    (record,) = [decode_record(p.read_bytes())
+                 for p in (tmp_path / "ws" / "deferred").iterdir()]
     assert record["id"] == path.stem
     assert record["last_error"]["outcome_unknown"] is True

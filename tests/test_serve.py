@@ -17,6 +17,7 @@ import pytest
 
 from ess_async import Client
 from ess_async.lock import lock_holder
+from ess_async.spool import decode_record
 
 from .conftest import Server, SMTPServer, cli_env, wait_until, write_config
 
@@ -57,7 +58,7 @@ def ids_in(ws: Path, state: str) -> set[str]:
 
 
 def subjects_in(ws: Path, state: str) -> set[str]:
-    return {json.loads(p.read_bytes())["subject"] for p in (ws / state).rglob("*.json")}
+    return {decode_record(p.read_bytes())["subject"] for p in (ws / state).rglob("*.json")}
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], pid: int) -> None:
@@ -293,7 +294,7 @@ def test_deferred_message_is_retried_while_serving(tmp_path: Path, smtp_server: 
     smtp_server.handler.wait_for(1, timeout=20)  # the 451 is not recorded; the retry is
     wait_until(lambda: msg_id in ids_in(ws, "passed"), 10, "the retried message in passed/")
     [path] = (ws / "passed").rglob(f"{msg_id}.json")
-    assert json.loads(path.read_bytes())["attempts"] == 2
+    assert decode_record(path.read_bytes())["attempts"] == 2
     assert server.terminate_and_wait() == 0, server.log()
     counts = status(ws)
     assert counts["passed"] == 1 and counts["deferred"] == 0

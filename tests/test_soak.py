@@ -7,7 +7,6 @@ The default size suits CI; ESS_SOAK_N=20000 runs the full soak."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ess_async import Client
+from ess_async.spool import decode_record
 
 from .conftest import RecordingHandler, SMTPServer, write_config
 
@@ -101,7 +101,7 @@ def test_soak_with_random_failures_and_kills(tmp_path: Path) -> None:
     final: dict[str, tuple[str, dict]] = {}
     for state in ("passed", "failed"):
         for path in (ws / state).rglob("*.json"):
-            record = json.loads(path.read_text())
+            record = decode_record(path.read_bytes())
             assert record["subject"] not in final, (path, final[record["subject"]])
             final[record["subject"]] = (state, record)
     assert len(final) == N  # none lost

@@ -13,13 +13,14 @@ import pytest
 
 from ess_async import Client, Manager, MessageError
 from ess_async.config import ConfigError, parse_config
+from ess_async.spool import decode_record
 from ess_async.suppression import SuppressionList, normalize, refused_for_good
 
 from .conftest import FakeClock, SMTPServer, make_config
 
 
 def records(workspace: Path, state: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((workspace / state).rglob("*.json"))]
+    return [decode_record(p.read_bytes()) for p in sorted((workspace / state).rglob("*.json"))]
 
 
 def test_list_is_durable_private_and_case_insensitive(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ async def test_rcpt_5xx_suppresses_later_messages(tmp_path: Path,
     assert record["suppressed"] == ["gone@example.com"]
     outcome = await manager.wait(alone, timeout=5)
     assert outcome.state == "failed"
-    assert json.loads(partial.read_text())["recipients"] == ["ok@example.com"]
+    assert decode_record(partial.read_bytes())["recipients"] == ["ok@example.com"]
 
     smtp_server.handler.rcpt_replies.clear()
     await manager.create_work(to="gone@example.com", subject="four", force=True)
@@ -128,7 +129,7 @@ def test_client_honours_the_list(tmp_path: Path) -> None:
     SuppressionList(ws).add("x@example.com")
     client = Client(ws, config=make_config(25))
     path = client.create_work(to="x@example.com", subject="s")
-    assert json.loads(path.read_text())["result"]["reason"] == "suppressed"
+    assert decode_record(path.read_bytes())["result"]["reason"] == "suppressed"
     forced = client.create_work(to="x@example.com", subject="s", force=True)
     assert forced.parent.name == "queued"
 

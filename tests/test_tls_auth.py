@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import ssl
 import subprocess
@@ -20,6 +19,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from ess_async import Manager
 from ess_async.config import SmtpConfig
 from ess_async.errors import ConfigError
+from ess_async.spool import decode_record
 from ess_async.transports.smtp import SMTPTransport
 
 from .conftest import SMTPServer, make_config, write_config
@@ -104,7 +104,7 @@ async def test_certificate_checked_by_default(tmp_path: Path, ca: trustme.CA, ca
     summary = await manager.process_workload()
     assert summary.total == 0  # a TLS failure is the relay's: the message waits, uncharged
     (path,) = list((tmp_path / "ws" / "queued").glob("*.json"))
-    record = json.loads(path.read_text())
+    record = decode_record(path.read_bytes())
     assert record["attempts"] == 0 and record["last_error"]["destination"] is True
     message = record["last_error"]["message"]
     assert expect in message
@@ -131,7 +131,7 @@ async def test_auth_with_password_from_environment(tmp_path: Path, ca: trustme.C
     await manager.create_work(to="a@example.com", subject="bad password")
     assert (await manager.process_workload()).total == 0  # waits in queued/, uncharged
     (path,) = list((tmp_path / "ws" / "queued").glob("*.json"))
-    record = json.loads(path.read_text())
+    record = decode_record(path.read_bytes())
     assert "authentication failed" in record["last_error"]["message"]
     assert record["attempts"] == 0
     assert server.handler.subjects() == ["authenticated"]

@@ -20,6 +20,7 @@ import pytest
 from ess_async import Client, Manager
 from ess_async.errors import ConfigError
 from ess_async.lock import lock_holder
+from ess_async.spool import decode_record
 from ess_async.workers import WorkerPool, merge_entries
 
 from .conftest import (
@@ -183,7 +184,7 @@ def assert_only_in_flight_resent(ws: Path, handler: RecordingHandler,
     """Every message arrived; only those sent without a reply (outcome unknown) twice."""
     received = Counter(handler.subjects())
     assert set(received) == {f"m{i}" for i in range(40)}
-    subject = {p.stem: json.loads(p.read_bytes())["subject"]
+    subject = {p.stem: decode_record(p.read_bytes())["subject"]
                for p in (ws / "passed").rglob("*.json")}
     resent = {s for s, copies in received.items() if copies > 1}
     assert max(received.values()) <= 2 and resent <= {subject[i] for i in in_flight}

@@ -8,8 +8,9 @@ execution passes ``crash_point(point)``. ``ESS_TEST_FAIL_AT=point[:n]`` (or
 Read once at import; unset (always, outside tests) every point is a no-op. Crash points:
 after_tmp_write, after_queue_rename, after_claim_rename (a batched claim's rename into
 active/, before its journal line), after_claim, after_mail_from, during_data,
-after_250, after_journal, before_unlink_active (the next state written, active/ not yet
-removed), between_key_and_message (an idempotency key written, its message not yet),
+after_250, after_journal, after_next_state (the next state appended to the claimed file
+and synced, the file not yet moved out of active/), between_key_and_message (an
+idempotency key written, its message not yet),
 between_transactions (a message split by a recipient limit: one transaction accepted
 and checkpointed, the next not begun).
 Error points: journal_write, journal_sync, journal_dir_sync (after a compaction's
@@ -26,7 +27,7 @@ __all__ = ("CRASH_POINTS", "FAIL_POINTS", "crash_point", "fail_point", "inject_f
 
 CRASH_POINTS = frozenset({"after_tmp_write", "after_queue_rename", "after_claim_rename",
                           "after_claim", "after_mail_from", "during_data", "after_250",
-                          "after_journal", "before_unlink_active", "between_key_and_message",
+                          "after_journal", "after_next_state", "between_key_and_message",
                           "between_transactions"})
 FAIL_POINTS = frozenset({"journal_write", "journal_sync", "journal_dir_sync",
                          "spool_commit"})

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import stat
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -25,18 +27,19 @@ from .expiry import is_expired
 from .faults import crash_point
 from .journal import Journal
 from .retry import RetryPolicy
-from .spool import CorruptRecord, Spool, encode_record
+from .spool import SETTLE_STATES, UPDATE_MARK, CorruptRecord, Spool, decode_record, fsync_dir
 from .throttle import Throttle
-from .transports import Transport
+from .transports import SendResult, Transport
 
 __all__ = ("Dispatcher", "WorkItem", "WorkloadSummary")
+
+_INLINE_BYTES = 256 * 1024  # smaller spool files are read on the loop itself
 
 logger = logging.getLogger("ess_async.sender")
 
 # A claim's outcome: the record, the CorruptRecord or OSError its file gave, or None (not
 # there to claim).
 _Claim = dict[str, Any] | CorruptRecord | OSError | None
-_INLINE_BYTES = 256 * 1024  # smaller spool files are read and written on the loop itself
 
 
 class Dispatcher(Delivery):
@@ -56,9 +59,10 @@ class Dispatcher(Delivery):
         self.journal = journal
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
-        self._commits: Batcher[tuple[str, dict[str, Any], bytes], None] = Batcher(self._commit)
+        self._commits: Batcher[tuple[str, dict[str, Any]], None] = Batcher(self._commit)
         self._claims: list[tuple[WorkItem, asyncio.Future[_Claim]]] = []
         self.claiming: set[str] = set()  # ids whose claim (rename) is in flight
+        self.sizes: dict[str, int] = {}  # claimed id -> its file's size when claimed
         self._claimer: asyncio.Future[None] | None = None
 
     # -- one message -----------------------------------------------------------------
@@ -86,6 +90,7 @@ class Dispatcher(Delivery):
         finally:
             if self.claimed.get(msg_id) is None:  # an accepted one is released by _accepted
                 self.claimed.pop(msg_id, None)
+                self.sizes.pop(msg_id, None)
                 self.journal.settle(msg_id)
 
     async def _claim(self, item: WorkItem) -> _Claim:
@@ -157,14 +162,21 @@ class Dispatcher(Delivery):
             self.claiming -= ids
             entries: list[dict[str, Any]] = []
             at = self.clock()
+            outcomes: list[_Claim] = []
             for (item, future), result in zip(ready, results, strict=True):
+                outcome = result[0] if isinstance(result, tuple) else result
+                outcomes.append(outcome)
                 if result is None:
                     continue
                 if future.cancelled():  # its sender stopped meanwhile: undo the claim
                     self._unclaim(item.msg_id)
                     continue
                 self.claimed[item.msg_id] = None
-                entries.append({"op": "claim", "id": item.msg_id, "at": at})
+                entry: dict[str, Any] = {"op": "claim", "id": item.msg_id, "at": at}
+                if isinstance(result, tuple):
+                    # What was claimed: bytes beyond it are this claim's settle.
+                    entry["size"] = self.sizes[item.msg_id] = result[1]
+                entries.append(entry)
             try:
                 self.journal.append_many(entries)
             except OSError as exc:
@@ -173,19 +185,20 @@ class Dispatcher(Delivery):
                     self.claimed.pop(entry["id"], None)
                     self._unclaim(entry["id"])
                 error = SpoolError(exc.errno, f"cannot journal a claim: {exc}")
-                for (_, future), result in zip(ready, results, strict=True):
+                for (_, future), outcome in zip(ready, outcomes, strict=True):
                     if future.done():
                         continue
-                    if result is None:
+                    if outcome is None:
                         future.set_result(None)
                     else:
                         future.set_exception(error)
                 continue
-            for (_, future), result in zip(ready, results, strict=True):
+            for (_, future), outcome in zip(ready, outcomes, strict=True):
                 if not future.done():
-                    future.set_result(result)
+                    future.set_result(outcome)
 
     def _unclaim(self, msg_id: str) -> None:
+        self.sizes.pop(msg_id, None)
         self.journal.settle(msg_id)
         try:
             self.spool.rename(msg_id, "active", "queued")
@@ -199,31 +212,28 @@ class Dispatcher(Delivery):
         self.journal.settle(msg_id)
 
     async def _settle(self, state: str, record: dict[str, Any]) -> None:
-        """Move a claimed message to its next state durably. The record is encoded here;
-        its file operations (create, write, rename, the sync, removing the active/ copy)
-        run in one thread job shared by concurrent senders, with one filesystem sync (a
-        group commit), off the event loop."""
-        if len(record["raw"]) > _INLINE_BYTES:
-            data = await asyncio.to_thread(encode_record, record)
-        else:
-            data = encode_record(record)
-        await self._commits.submit((state, record, data))
+        """Move a claimed message to its next state durably: ``Spool.settle_many``
+        appends what changed to its file and renames it, in one thread job shared by
+        concurrent senders, with one filesystem sync (a group commit), off the loop."""
+        await self._commits.submit((state, record))
+        self.sizes.pop(record["id"], None)
 
-    async def _commit(self, batch: list[tuple[str, dict[str, Any], bytes]]
-                      ) -> list[OSError | None]:
-        """A group commit (``Batcher``): the records' paths, then ``Spool.commit``, in one
-        thread job; per record the error that kept it out, or None."""
-        spool = self.spool
-
-        def job() -> list[OSError | None]:
-            return spool.commit([(spool.target(state, record), data)
-                                 for state, record, data in batch])
-
+    async def _commit(self, batch: list[tuple[str, dict[str, Any]]]) -> list[OSError | None]:
+        """A group commit (``Batcher``): per record the error that kept it out, or None."""
         try:
-            return await asyncio.to_thread(job)
+            return await asyncio.to_thread(
+                self.spool.settle_many, [(record["id"], state, record)
+                                         for state, record in batch])
         except Exception as exc:  # OSError, or a record's path that cannot be made
             errno = exc.errno if isinstance(exc, OSError) and exc.errno else 5
             raise SpoolError(errno, f"cannot commit: {exc}") from None
+
+    def _accepted_entry(self, record: dict[str, Any], result: SendResult) -> dict[str, Any]:
+        entry = super()._accepted_entry(record, result)
+        size = self.sizes.get(record["id"])
+        if size is not None:  # as in the claim's entry: recovery finds the settle by it
+            entry["size"] = size
+        return entry
 
     def settle_claim(self, msg_id: str, entry: dict[str, Any] | None) -> str:
         """Settle one message left in ``active/``; ``entry`` is its last journal entry.
@@ -231,6 +241,14 @@ class Dispatcher(Delivery):
         written), corrupt, or unsettled (accepted, but the disk refused its record)."""
         path = self.spool.path("active", msg_id)
         try:
+            # A claim journaled with its size tells its own update apart; with no entry
+            # at all, the record's state decides. (An entry from before sizes were
+            # journaled: as it always was.)
+            size = entry.get("size") if entry is not None else None
+            if (entry is None or isinstance(size, int)) and \
+                    self._finish_settle(msg_id, size if isinstance(size, int) else None):
+                self._forget(msg_id)
+                return "passed" if entry and entry.get("op") == "accepted" else "settled"
             record = None
             if entry is not None and entry.get("op") == "accepted":
                 try:
@@ -267,9 +285,58 @@ class Dispatcher(Delivery):
                 self.claimed[msg_id] = entry
             return "unsettled"
 
+    def _finish_settle(self, msg_id: str, size: int | None) -> bool:
+        """Carry out a settle that a crash (or a disk error) interrupted: the claimed
+        file holds the update its sender appended (``Spool.settle_many``). ``size`` is
+        the file's size when claimed (from the journal): beyond it is this claim's
+        update; a whole one is carried out (the file synced and moved to the state it
+        names), a torn one (never synced) is cut off. Without ``size`` a file is moved
+        to the state its record names if that is not queued/ (the undone claim's
+        place anyway). True if the message is settled (moved now, or found moved)."""
+        path = str(self.spool.path("active", msg_id))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            # Moved already (the folder's fsync may have failed): make that durable.
+            found = self.spool.find(msg_id, SETTLE_STATES) if size is not None else None
+            if found is None:
+                return False
+            fsync_dir(found[1].parent)
+            return True
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > self.spool.max_size:
+                return False  # the usual path quarantines it
+            data = os.read(fd, info.st_size + 1)
+            if (len(data) <= size) if size is not None else (UPDATE_MARK not in data):
+                return False  # nothing appended: the claim is undone or finished as before
+            try:
+                record = decode_record(data)
+            except CorruptRecord:
+                if size is None:
+                    return False
+                os.ftruncate(fd, size)  # torn: its sender died before the sync
+                os.fsync(fd)
+                return False
+            state = record["state"]
+            if state not in SETTLE_STATES or record["id"] != msg_id or (
+                    size is None and state == "queued"):
+                return False
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        target = self.spool.target(state, record)
+        os.rename(path, target)
+        fsync_dir(target.parent)
+        self.last_settled = (state, record)
+        logger.info("message %s: its settle as %s was interrupted; carried out now", msg_id,
+                    state)
+        return True
+
     def _forget(self, msg_id: str) -> None:
         """``msg_id`` has reached a durable next state: drop what this run kept of it."""
         self.unsettled.pop(msg_id, None)
+        self.sizes.pop(msg_id, None)
         if self.claimed.get(msg_id) is not None:
             del self.claimed[msg_id]
         self.journal.settle(msg_id)

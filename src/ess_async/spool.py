@@ -1,14 +1,18 @@
-"""The on-disk spool: one JSON file per message, moved between state folders atomically.
+"""The on-disk spool: one file per message, moved between state folders atomically.
 
-Every write goes to ``tmp/`` first, is fsynced, renamed into place and the folder fsynced,
-so a reader never sees half a file and a returned path survives a crash. A message keeps
-its file name (``<id>.json``, lexically sortable by creation time) in every state.
+A new record goes to ``tmp/`` first, is fsynced, renamed into place and the folder
+fsynced, so a reader never sees half a file and a returned path survives a crash. A
+message keeps its file name (``<id>.json``, lexically sortable by creation time) and,
+through its sends, its file: a sender settles a message by appending one line to the
+file it claimed (what changed: ``{"set": {...}, "unset": [...]}``), syncing it, and
+renaming it into its next state's folder. A file is thus its record (one JSON object)
+followed by zero or more such update lines; readers merge them (``decode_record``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import errno
 import json
 import math
 import os
@@ -36,9 +40,13 @@ __all__ = (
     "ACTIVE_STATES",
     "FINAL_STATES",
     "ID_PATTERN",
+    "SETTLE_STATES",
     "STATES",
+    "UPDATE_MARK",
     "CorruptRecord",
     "Spool",
+    "decode_record",
+    "encode_update",
     "new_id",
     "new_record",
     "priority_rank",
@@ -54,6 +62,10 @@ ID_PATTERN = re.compile(r"^\d{20}-[hnl][0-9a-f]{8}$")
 PRIORITY_LETTERS = {"high": "h", "normal": "n", "low": "l"}
 _PRIORITY_RANK = {"h": 0, "n": 1, "l": 2}
 RECORD_VERSION = 1
+SETTLE_STATES = ("queued", "deferred", "passed", "failed")  # where a sender moves a claim
+# Each update line starts with this. A JSON text never holds a raw newline inside a
+# string, and a pretty-printed record never starts a line with an object: never ambiguous.
+UPDATE_MARK = b'\n{"set":'
 
 _id_lock = threading.Lock()
 _last_ns = 0
@@ -194,7 +206,51 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def encode_update(base: dict[str, Any], record: dict[str, Any]) -> bytes:
+    """The update line (newline first) that turns ``base`` into ``record``: the keys
+    whose values changed or are new, and those removed."""
+    changed = {key: value for key, value in record.items()
+               if key not in base or type(base[key]) is not type(value) or base[key] != value}
+    update: dict[str, Any] = {"set": changed}
+    removed = [key for key in base if key not in record]
+    if removed:
+        update["unset"] = removed
+    return b"\n" + encode_record(update)
+
+
 _shard_names: dict[int, str] = {}
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The whole file from its offset: one read for the size fstat gave; on only if it
+    was short or the file grew meanwhile."""
+    data = os.read(fd, size + 1)
+    if len(data) != size:
+        chunks = [data]
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    return data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _cut(path: str, size: int) -> None:
+    """Take a claimed file back to what was claimed (a partly written update cut off),
+    durably. If that fails too, recovery does it (by the claim's journaled size)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _shard(timestamp: float) -> str:
@@ -276,46 +332,69 @@ class Spool:
         """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
         return self.write_file(self.target(state, record), encode_record(record))
 
-    def commit(self, items: list[tuple[Path, bytes]], *, src: str = "active"
-               ) -> list[OSError | None]:
-        """Move a batch of claimed messages to their next states (a group commit): write
-        each encoded record at its target atomically (tmp, rename), make them all durable
-        with one filesystem sync (a lone one: its own fsync) and one fsync per folder,
-        then remove the copies left in ``src``. Until then a crash finds both copies, and
-        recovery keeps the new one only if it reads back whole.
+    def settle_many(self, items: list[tuple[str, str, dict[str, Any]]]
+                    ) -> list[OSError | None]:
+        """Move a batch of claimed messages, ``(id, state, record)``, to their next states
+        (a group commit) without a new file: append to each claimed file the update line
+        from what it holds to ``record``, make them all durable with one filesystem sync
+        (a lone one: its own fsync), rename each into its state's folder, then fsync
+        those folders. A crash before a rename leaves the file in ``active/`` with its
+        update, whole or torn; recovery tells it from the claim by the size journaled
+        then (``Dispatcher.settle_claim``).
 
-        Returns, per item, the error that kept it from being written (its ``src`` copy
-        stays), or None. Raises OSError if the batch could not be made durable: then no
-        ``src`` copy was removed (and the records written stay where they are, as their
-        messages' last word)."""
+        Returns, per item, the error that kept it from its next state, or None: if its
+        update could not be written, its file is back as it was claimed (the update cut
+        off); if it could not be moved, it stays in ``active/`` with its update, which
+        ``Dispatcher.settle_claim`` carries out later. Raises OSError if the batch could
+        not be made durable: then no file was moved (the sync failed: each keeps its
+        update, the message's decided next state) or all were (a folder's fsync
+        failed)."""
         errors: list[OSError | None] = []
-        staged: list[Path] = []
+        staged: list[tuple[int, str, Path]] = []
         each = len(items) == 1 or _SYNCFS is None
-        for target, data in items:
+        active = self._dirs["active"]
+        for msg_id, state, record in items:
+            path = f"{active}/{msg_id}.json"
             try:
-                tmp = self._write_tmp(target.stem, data, sync=each)
+                target = self.target(state, record)
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
                 try:
-                    os.replace(tmp, target)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
+                    data = _read_all(fd, os.fstat(fd).st_size)
+                    try:
+                        update = encode_update(decode_record(data), record)
+                    except CorruptRecord as exc:  # changed under its claim: never expected
+                        raise OSError(errno.EIO, f"claimed file unreadable: {exc.reason}"
+                                      ) from None
+                    try:
+                        _write_all(fd, update)
+                        if each:
+                            os.fsync(fd)
+                    except BaseException:
+                        _cut(path, len(data))
+                        raise
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 errors.append(exc)
                 continue
+            staged.append((len(errors), path, target))
             errors.append(None)
-            staged.append(target)
         if not staged:
             return errors
         fail_point("spool_commit")
         if not each:
-            _sync_data(self.tmp, staged)
-        for folder in {target.parent for target in staged}:
+            _sync_data(self.tmp, [Path(path) for _, path, _ in staged])
+        crash_point("after_next_state")
+        folders = set()
+        for index, path, target in staged:
+            try:
+                os.rename(path, target)
+            except OSError as exc:
+                errors[index] = exc
+                continue
+            folders.add(target.parent)
+        for folder in folders:
             fsync_dir(folder)
-        crash_point("before_unlink_active")
-        src_dir = self._dirs[src]
-        for target in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{src_dir}/{target.name}")
         return errors
 
     def write_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[Path | SpoolError]:
@@ -363,24 +442,26 @@ class Spool:
         return True
 
     def claim_many(self, claims: list[tuple[str, tuple[str, ...]]]
-                   ) -> list[dict[str, Any] | CorruptRecord | OSError | None]:
+                   ) -> list[tuple[dict[str, Any], int] | CorruptRecord | OSError | None]:
         """Claim messages by renaming each into ``active/`` from the first of its source
         folders that has it, and read their records (a thread job for a batch of
-        senders). Per message: its record, None (in none of its sources), the
-        CorruptRecord its file is, or the OSError met (renamed or not)."""
-        results: list[dict[str, Any] | CorruptRecord | OSError | None] = []
+        senders). Per message: its record and its file's size (what was claimed: bytes
+        beyond it are this claim's settle, see ``settle_many``), None (in none of its
+        sources), the CorruptRecord its file is, or the OSError met (renamed or not)."""
+        results: list[tuple[dict[str, Any], int] | CorruptRecord | OSError | None] = []
         for msg_id, sources in claims:
             try:
                 if not any(self.rename(msg_id, source, "active") for source in sources):
                     results.append(None)
                     continue
                 crash_point("after_claim_rename")  # renamed, its claim not yet journaled
-                record = self.read_small(f"{self._dirs['active']}/{msg_id}.json",
-                                         self.max_size)
-                assert record is not None
+                data = self._read_bytes(f"{self._dirs['active']}/{msg_id}.json",
+                                        self.max_size)
+                assert data is not None
+                record = decode_record(data)
                 if record["id"] != msg_id:
                     raise CorruptRecord("record id does not match its file name")
-                results.append(record)
+                results.append((record, len(data)))
             except (CorruptRecord, OSError) as exc:
                 results.append(exc)
         return results
@@ -388,7 +469,7 @@ class Spool:
     def finish(self, state: str, record: dict[str, Any], *, src: str = "active") -> Path:
         """Write the final (or deferred) record durably, then drop the ``src`` copy."""
         path = self.write(state, record)
-        crash_point("before_unlink_active")
+        crash_point("after_next_state")
         self.path(src, record["id"]).unlink(missing_ok=True)
         return path
 
@@ -421,6 +502,10 @@ class Spool:
     def read_small(self, path: Path | str, limit: int) -> dict[str, Any] | None:
         """``read``, or None (nothing read) if the file is bigger than ``limit`` bytes
         (and within ``max_size``): the sender reads those off the event loop."""
+        data = self._read_bytes(path, limit)
+        return None if data is None else decode_record(data)
+
+    def _read_bytes(self, path: Path | str, limit: int) -> bytes | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
@@ -435,17 +520,9 @@ class Spool:
                 raise CorruptRecord(f"larger than max_message_size ({info.st_size} bytes)")
             if info.st_size > limit:
                 return None
-            # One read for the size fstat gave; read on only if it was short or the file
-            # grew meanwhile.
-            data = os.read(fd, info.st_size + 1)
-            if len(data) != info.st_size:
-                chunks = [data]
-                while chunk := os.read(fd, 1 << 20):
-                    chunks.append(chunk)
-                data = b"".join(chunks)
+            return _read_all(fd, info.st_size)
         finally:
             os.close(fd)
-        return decode_record(data)
 
     def ids(self, state: str) -> list[str]:
         """Ids of the messages in a flat state folder, oldest first."""
@@ -543,19 +620,43 @@ def _is_time(value: object) -> bool:
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-    """Parse and check a spool record; raise CorruptRecord (naming the key) otherwise."""
+    """Parse and check a spool file: its record with its update lines applied in order.
+    Raise CorruptRecord (naming the key, or the update line) for anything else."""
     if not data:
         raise CorruptRecord("empty file")
+    mark = data.find(UPDATE_MARK)
+    if mark < 0:
+        return _check_record(_load(data))
+    record = _load(data[:mark])
+    if not isinstance(record, dict):
+        raise CorruptRecord("not a JSON object")
+    for number, line in enumerate(data[mark + 1:].split(b"\n"), 1):
+        try:
+            update = _load(line)
+        except CorruptRecord as exc:  # a torn line is a sender's crash before its sync
+            raise CorruptRecord(f"update line {number}: {exc.reason}") from None
+        changed, removed = (update.get("set"), update.get("unset", [])) \
+            if isinstance(update, dict) else (None, None)
+        if not (isinstance(changed, dict) and isinstance(removed, list)
+                and all(isinstance(key, str) for key in removed)):
+            raise CorruptRecord(f"update line {number}: malformed")
+        record.update(changed)
+        for key in removed:
+            record.pop(key, None)
+    return _check_record(record)
+
+
+def _load(data: bytes) -> Any:
     try:
-        record = orjson.loads(data)
+        value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        record = None
-    if record is None or not plain_json(record):
+        value = None
+    if value is None or not plain_json(value):
         # Whatever orjson refuses or might read otherwise (invalid or non-UTF-8 JSON, a
         # BOM, a lone surrogate, NaN, 1e400, an integer beyond 64 bits): the json module
         # decides, as it always did, and names the reason.
-        record = _decode_json(data)
-    return _check_record(record)
+        value = _decode_json(data)
+    return value
 
 
 def _decode_json(data: bytes) -> Any:
