@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ess_async import Client
-from ess_async.spool import decode_record
+from ess_async.spool import UPDATE_MARK, decode_record
 
 from .conftest import SMTPServer, write_config
 
@@ -68,11 +68,16 @@ def test_crash_between_next_state_and_active(tmp_path: Path, smtp_server: SMTPSe
     config = (ws / "config.toml").read_text().replace("min_backoff = 1\nmax_backoff = 2",
                                                       "min_backoff = 600\nmax_backoff = 900")
     (ws / "config.toml").write_text(config)
-    Client(ws).create_work(to="a@example.com", subject="one")
+    path = Client(ws).create_work(to="a@example.com", subject="one")
+    inode = path.stat().st_ino
     smtp_server.handler.data_replies.append(reply)
     assert run_cli(ws, "process", crash_at="after_next_state") == -9
-    assert (ws / "active").iterdir()  # both copies are on disk now
+    # Its next state is appended to the claimed file and synced; the file is not moved.
+    claimed = (ws / "active" / path.name).read_bytes()
+    assert UPDATE_MARK in claimed and decode_record(claimed)["state"] == state
     assert run_cli(ws, "process") == 0
+    (settled,) = (ws / state).rglob("*.json")
+    assert settled.stat().st_ino == inode
     counts = {s: len(list((ws / s).rglob("*.json")))
               for s in ("queued", "active", "deferred", "passed", "failed")}
     assert counts == {"queued": 0, "active": 0, "deferred": 0, "passed": 0, "failed": 0,

@@ -149,20 +149,22 @@ def test_journal_lines_read_back(tmp_path: Path) -> None:
     assert "c" not in last
 
 
-def test_commit_reports_each_failed_write_and_keeps_its_active_copy(tmp_path: Path) -> None:
+def test_settle_reports_each_failed_item_and_keeps_its_active_copy(tmp_path: Path) -> None:
     client, path, record = a_record(tmp_path)
     spool = client.spool
     other = client.create_work(to="b@example.com", subject="t")
+    claimed = {p.stem: p.read_bytes() for p in (path, other)}
     for p in (path, other):
         os.rename(p, spool.path("active", p.stem))
-    ok = {**json.loads(spool.path("active", other.stem).read_bytes()), "state": "deferred"}
-    items = [(spool.workspace / "missing-folder" / path.name, encode_record(record)),
-             (spool.target("deferred", ok), encode_record(ok))]
-    errors = spool.commit(items)
+    ok = {**decode_record(claimed[other.stem]), "state": "deferred", "attempts": 1}
+    gone = {**record, "id": "01000000000000000000-n00000000", "state": "deferred"}
+    errors = spool.settle_many([(gone["id"], "deferred", gone), (other.stem, "deferred", ok)])
     assert isinstance(errors[0], FileNotFoundError) and errors[1] is None
-    assert spool.path("active", path.stem).exists()  # not written: its claim stays
+    assert spool.path("active", path.stem).read_bytes() == claimed[path.stem]  # untouched
     assert not spool.path("active", other.stem).exists()
-    assert Spool(spool.workspace).read(spool.path("deferred", other.stem)) == ok
+    moved = spool.path("deferred", other.stem)
+    assert Spool(spool.workspace).read(moved) == ok
+    assert moved.read_bytes().startswith(claimed[other.stem])  # the same file, appended to
     assert os.listdir(spool.workspace / "tmp") == []
 
 

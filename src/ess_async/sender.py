@@ -274,7 +274,9 @@ class Dispatcher(Delivery):
             assert entry is not None
             record["attempts"] = record.get("attempts", 0) + 1
             state, settled = self.settle_accepted(record, entry)
-            self.spool.finish(state, settled)
+            (error,) = self.spool.settle_many([(msg_id, state, settled)])
+            if error is not None:
+                raise error
             self._forget(msg_id)
             self.last_settled = (state, settled)
             return "passed"

@@ -466,13 +466,6 @@ class Spool:
                 results.append(exc)
         return results
 
-    def finish(self, state: str, record: dict[str, Any], *, src: str = "active") -> Path:
-        """Write the final (or deferred) record durably, then drop the ``src`` copy."""
-        path = self.write(state, record)
-        crash_point("after_next_state")
-        self.path(src, record["id"]).unlink(missing_ok=True)
-        return path
-
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move an unusable file into corrupt/ (never following links) and note why."""
         name = path.name if ID_PATTERN.match(path.name.removesuffix(".json")) else (
