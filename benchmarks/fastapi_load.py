@@ -304,7 +304,9 @@ class App:
         ids = []
         for root, _, files in os.walk(self.ws / "passed"):
             for name in files:
-                record = json.loads(Path(root, name).read_bytes())
+                from ess_async.spool import decode_record  # records carry update lines
+
+                record = decode_record(Path(root, name).read_bytes())
                 found = re.search(r"\r\nMessage-ID: (\S+)\r\n", record["raw"])
                 ids.append(found.group(1) if found else record.get("message_id", ""))
         return ids
