@@ -103,6 +103,30 @@ async def test_accepted_message_is_recorded_when_the_disk_allows(
     assert "now recorded" in caplog.text or "record is written now" in caplog.text
 
 
+async def test_settle_whose_folder_fsync_failed_is_recorded_once(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """The accepted message's file was moved to passed/, then the folder's fsync failed:
+    the retry finds it moved, syncs the folder and counts it once (with its own record),
+    never sends it again."""
+    config = make_config(smtp_server.port)
+    async with Manager(tmp_path / "ws", spawn=1, config=config) as manager:
+        faults.inject_failure("spool_dir_sync")
+        path = await manager.create_work(to="a@example.com", subject="once")
+        outcome = await manager.wait(path, timeout=20)
+        assert (outcome.state, outcome.code) == ("passed", 250)
+        assert manager._run is not None
+        dispatcher = manager._run.dispatcher
+        for _ in range(500):  # the retry comes on the settler's next round
+            if not dispatcher.unsettled:
+                break
+            await asyncio.sleep(0.02)
+        summary = dispatcher.summary
+        assert (summary.passed, summary.failed, summary.deferred) == (1, 0, 0)
+    assert smtp_server.handler.subjects() == ["once"]
+    assert [r["id"] for r in records(tmp_path / "ws", "passed")] == [path.stem]
+    assert records(tmp_path / "ws", "active") == []
+
+
 async def test_partially_deferred_message_is_retried_while_serving(
         tmp_path: Path, smtp_server: SMTPServer) -> None:
     """Issue 8 item 5: a 4xx for one recipient while the other accepted sets a retry timer

@@ -14,7 +14,8 @@ idempotency key written, its message not yet),
 between_transactions (a message split by a recipient limit: one transaction accepted
 and checkpointed, the next not begun).
 Error points: journal_write, journal_sync, journal_dir_sync (after a compaction's
-rename), spool_commit.
+rename), spool_commit (a settle's sync), spool_dir_sync (a settle's folders' fsync, its
+files moved).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ CRASH_POINTS = frozenset({"after_tmp_write", "after_queue_rename", "after_claim_
                           "after_journal", "after_next_state", "between_key_and_message",
                           "between_transactions"})
 FAIL_POINTS = frozenset({"journal_write", "journal_sync", "journal_dir_sync",
-                         "spool_commit"})
+                         "spool_commit", "spool_dir_sync"})
 
 
 def _parse(variable: str, points: frozenset[str]) -> tuple[str, int] | None:

@@ -10,6 +10,7 @@ unexpected error, ends in a state folder. The delivery policy itself is ``Delive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -240,6 +241,7 @@ class Dispatcher(Delivery):
         Returns requeued, passed (or its next state), settled (its next state was already
         written), corrupt, or unsettled (accepted, but the disk refused its record)."""
         path = self.spool.path("active", msg_id)
+        self.last_settled = None
         try:
             # A claim journaled with its size tells its own update apart; with no entry
             # at all, the record's state decides. (An entry from before sizes were
@@ -304,6 +306,8 @@ class Dispatcher(Delivery):
             if found is None:
                 return False
             fsync_dir(found[1].parent)
+            with contextlib.suppress(CorruptRecord, OSError):
+                self.last_settled = (found[0], self.spool.read(found[1]))
             return True
         try:
             info = os.fstat(fd)

@@ -393,6 +393,7 @@ class Spool:
                 errors[index] = exc
                 continue
             folders.add(target.parent)
+        fail_point("spool_dir_sync")
         for folder in folders:
             fsync_dir(folder)
         return errors
