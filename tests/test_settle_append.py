@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ess_async import Client
+from ess_async import Client, Manager
 from ess_async import spool as spool_module
 from ess_async.journal import Journal
 from ess_async.spool import (
@@ -28,7 +28,7 @@ from ess_async.spool import (
     encode_update,
 )
 
-from .conftest import SMTPServer, make_config, write_config
+from .conftest import FakeClock, SMTPServer, make_config, write_config
 
 
 def run_cli(workspace: Path, *args: str) -> int:
@@ -196,3 +196,97 @@ def test_recovery_cuts_a_torn_update(tmp_path: Path, smtp_server: SMTPServer,
     assert decode_record(data)["state"] == "passed"
     assert len(smtp_server.handler.messages) == (0 if accepted else 1)
     assert list((ws / "corrupt").iterdir()) == []
+
+
+# -- found in review ---------------------------------------------------------------------
+
+
+async def test_a_message_at_the_size_limit_survives_its_retries(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """``max_message_size`` bounds the record; its update lines have room of their own. A
+    message just under the limit, deferred (its first attempt stamping a Date in a later
+    second than the enqueue), is delivered at its next attempt, not quarantined; its
+    update carries the Date's change, not a second copy of the message."""
+    ws = tmp_path / "ws"
+    clock = FakeClock()
+    smtp_server.handler.data_replies.append("451 4.3.0 try again later")
+    probe = Client(tmp_path / "probe", config=make_config(smtp_server.port))
+    size = probe.create_work(to="a@example.com", subject="big", body="x" * 25_000).stat().st_size
+    config = make_config(smtp_server.port, server={"grace": 5, "max_message_size": size + 8})
+    manager = Manager(ws, config=config, clock=clock)
+    path = await manager.create_work(to="a@example.com", subject="big", body="x" * 25_000)
+    enqueued = path.read_bytes()
+    clock.advance(5)
+    assert (await manager.process_workload()).deferred == 1
+    (deferred,) = final_files(ws)["deferred"]
+    assert size < deferred.stat().st_size < size + 1000  # the Date spliced, not re-sent
+    assert decode_record(deferred.read_bytes())["raw"] != decode_record(enqueued)["raw"]
+    clock.advance(10)
+    assert (await manager.process_workload()).passed == 1
+    outcome = await manager.wait(path, timeout=5)
+    assert outcome.state == "passed"
+    assert list((ws / "corrupt").iterdir()) == []
+    (passed,) = final_files(ws)["passed"]
+    sent = smtp_server.handler.messages[-1].data
+    assert decode_record(passed.read_bytes())["raw"].encode("ascii") == sent
+    assert len(smtp_server.handler.messages) == 1  # the 451 is not recorded as received
+    assert smtp_server.handler.transactions == 2
+
+
+@given(text=st.text(min_size=1100, max_size=1400),
+       edits=st.lists(st.tuples(st.integers(0, 1400), st.integers(0, 30), st.text(max_size=40)),
+                      min_size=1, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_a_spliced_text_reads_back_exactly(text: str, edits: list[tuple[int, int, str]]
+                                           ) -> None:
+    base = {**a_record(), "raw": text}
+    changed = text
+    for start, count, inserted in edits:
+        start = min(start, len(changed))
+        changed = changed[:start] + inserted + changed[start + count:]
+    target = {**base, "raw": changed, "state": "deferred"}
+    data = encode_record(base) + encode_update(base, target)
+    assert decode_record(data) == target
+
+
+def test_a_torn_update_without_a_journal_entry_is_cut_not_quarantined(
+        tmp_path: Path, smtp_server: SMTPServer) -> None:
+    """A lone settle syncs the spool file, not the claim's journal line: a power loss can
+    keep part of the update and lose that line. Recovery, with no size to go by, cuts the
+    torn last line (every update line starts with a newline) and requeues the message."""
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    path = Client(ws).create_work(to="a@example.com", subject="torn")
+    claimed = path.read_bytes()
+    active = ws / "active" / path.name
+    os.rename(path, active)
+    record = decode_record(claimed)
+    update = encode_update(record, {**record, "state": "deferred", "attempts": 1,
+                                    "next_attempt_at": 1.7e9})
+    with active.open("ab") as fh:
+        fh.write(update[: len(update) // 2])
+    assert run_cli(ws, "process") == 0
+    assert list((ws / "corrupt").iterdir()) == []
+    assert [p.stem for p in final_files(ws)["passed"]] == [path.stem]
+    assert smtp_server.handler.subjects() == ["torn"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory"])
+def test_a_bad_entry_in_active_is_still_quarantined(tmp_path: Path, smtp_server: SMTPServer,
+                                                    kind: str) -> None:
+    """Recovery's look for an interrupted settle opens the active/ file for writing: a link
+    or a folder there must still reach the usual path (quarantine), not stay forever."""
+    ws = tmp_path / "ws"
+    write_config(ws, smtp_server.port)
+    path = Client(ws).create_work(to="a@example.com", subject="x")
+    path.unlink()
+    bad = ws / "active" / path.name
+    if kind == "symlink":
+        (tmp_path / "elsewhere.json").write_text("{}")
+        bad.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        bad.mkdir()
+    for _ in range(2):
+        assert run_cli(ws, "process") == 0
+    assert not os.path.lexists(bad)
+    assert [p.name for p in (ws / "corrupt").iterdir() if p.suffix == ".json"] == [path.name]

@@ -43,6 +43,14 @@ logger = logging.getLogger("ess_async.sender")
 _Claim = dict[str, Any] | CorruptRecord | OSError | None
 
 
+def _reads(data: bytes) -> bool:
+    try:
+        decode_record(data)
+    except CorruptRecord:
+        return False
+    return True
+
+
 class Dispatcher(Delivery):
     """The senders' state in the file store: the spool, the journal, the claims."""
 
@@ -294,7 +302,7 @@ class Dispatcher(Delivery):
         file holds the update its sender appended (``Spool.settle_many``). ``size`` is
         the file's size when claimed (from the journal): beyond it is this claim's
         update; a whole one is carried out (the file synced and moved to the state it
-        names), a torn one (never synced) is cut off. Without ``size`` a file is moved
+        names), a torn last line (never synced) is cut off. Without ``size`` a file is moved
         to the state its record names if that is not queued/ (the undone claim's
         place anyway). True if the message is settled (moved now, or found moved)."""
         path = str(self.spool.path("active", msg_id))
@@ -309,9 +317,11 @@ class Dispatcher(Delivery):
             with contextlib.suppress(CorruptRecord, OSError):
                 self.last_settled = (found[0], self.spool.read(found[1]))
             return True
+        except OSError:
+            return False  # a link, a folder...: the usual path quarantines it
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size > self.spool.max_size:
+            if not stat.S_ISREG(info.st_mode) or info.st_size > self.spool.read_cap:
                 return False  # the usual path quarantines it
             data = os.read(fd, info.st_size + 1)
             if (len(data) <= size) if size is not None else (UPDATE_MARK not in data):
@@ -319,9 +329,13 @@ class Dispatcher(Delivery):
             try:
                 record = decode_record(data)
             except CorruptRecord:
-                if size is None:
-                    return False
-                os.ftruncate(fd, size)  # torn: its sender died before the sync
+                # Torn: its sender died before the sync, so that settle never happened.
+                # Only the last line can be (the others were synced), and every update
+                # line starts with a newline: cut from the last one, if what stays reads.
+                cut = data.rfind(b"\n")
+                if cut < 0 or (size is not None and cut < size) or not _reads(data[:cut]):
+                    return False  # not a torn update: the usual path quarantines it
+                os.ftruncate(fd, cut)
                 os.fsync(fd)
                 return False
             state = record["state"]

@@ -66,6 +66,7 @@ SETTLE_STATES = ("queued", "deferred", "passed", "failed")  # where a sender mov
 # Each update line starts with this. A JSON text never holds a raw newline inside a
 # string, and a pretty-printed record never starts a line with an object: never ambiguous.
 UPDATE_MARK = b'\n{"set":'
+UPDATE_ROOM = 1 << 20  # bytes of update lines a file may hold beyond max_message_size
 
 _id_lock = threading.Lock()
 _last_ns = 0
@@ -208,14 +209,67 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 def encode_update(base: dict[str, Any], record: dict[str, Any]) -> bytes:
     """The update line (newline first) that turns ``base`` into ``record``: the keys
-    whose values changed or are new, and those removed."""
-    changed = {key: value for key, value in record.items()
-               if key not in base or type(base[key]) is not type(value) or base[key] != value}
+    whose values changed or are new (``set``), those removed (``unset``), and for a long
+    text changed in one place (the message whose Date the first attempt stamps) the
+    change alone (``splice``: start, characters removed, text inserted), so that a file
+    grows by its changes, never by a second copy of its message."""
+    changed: dict[str, Any] = {}
+    spliced: dict[str, list[Any]] = {}
+    for key, value in record.items():
+        old = base.get(key, _MISSING)
+        if _same(old, value):
+            continue
+        if type(value) is str and type(old) is str and len(value) >= _SPLICE_MIN:
+            start = _common_prefix(old, value)
+            end = _common_prefix(old[start:][::-1], value[start:][::-1])
+            spliced[key] = [start, len(old) - start - end, value[start:len(value) - end]]
+        else:
+            changed[key] = value
     update: dict[str, Any] = {"set": changed}
     removed = [key for key in base if key not in record]
     if removed:
         update["unset"] = removed
+    if spliced:
+        update["splice"] = spliced
     return b"\n" + encode_record(update)
+
+
+_MISSING = object()
+_SPLICE_MIN = 1024
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON: ``==`` takes 1 for True and 0.0 for -0.0, in lists too."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is str or kind is int or kind is bool or a is None:
+        return bool(a == b)
+    if kind is float:
+        return bool(a == b and repr(a) == repr(b))
+    try:
+        return orjson.dumps(a) == orjson.dumps(b)
+    except orjson.JSONEncodeError:
+        return False
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix (compared in C, block by block)."""
+    size = min(len(a), len(b))
+    start = 0
+    while start < size:
+        stop = min(start + 4096, size)
+        if a[start:stop] != b[start:stop]:
+            low, high = start, stop  # a[:low] == b[:low]; a[:high] != b[:high]
+            while high - low > 1:
+                mid = (low + high) // 2
+                if a[low:mid] == b[low:mid]:
+                    low = mid
+                else:
+                    high = mid
+            return low
+        start = stop
+    return size
 
 
 _shard_names: dict[int, str] = {}
@@ -267,7 +321,8 @@ class Spool:
 
     def __init__(self, workspace: Path, *, max_size: int = 50 * 1024 * 1024) -> None:
         self.workspace = workspace
-        self.max_size = max_size
+        self.max_size = max_size  # of a record; its update lines may add UPDATE_ROOM
+        self.read_cap = max_size + UPDATE_ROOM
         self.tmp = workspace / "tmp"
         # Plain strings for the hot paths: building Path objects costs more than the I/O.
         self._dirs = {state: str(workspace / state) for state in (*STATES, "tmp")}
@@ -324,7 +379,9 @@ class Spool:
             return Path(f"{self._dirs[state]}/{record['id']}.json")
         folder = f"{self._dirs[state]}/{_shard(record.get('finished_at') or time.time())}"
         if folder not in self._shards:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+            if not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                fsync_dir(Path(self._dirs[state]))  # a settle moves the only copy there
             self._shards.add(folder)  # checked once per day and process, not per message
         return Path(f"{folder}/{record['id']}.json")
 
@@ -457,7 +514,7 @@ class Spool:
                     continue
                 crash_point("after_claim_rename")  # renamed, its claim not yet journaled
                 data = self._read_bytes(f"{self._dirs['active']}/{msg_id}.json",
-                                        self.max_size)
+                                        self.read_cap)
                 assert data is not None
                 record = decode_record(data)
                 if record["id"] != msg_id:
@@ -489,7 +546,7 @@ class Spool:
 
         Never follows a symlink, never blocks on a FIFO, never reads past ``max_size``.
         """
-        record = self.read_small(path, self.max_size)
+        record = self.read_small(path, self.read_cap)
         assert record is not None
         return record
 
@@ -510,13 +567,19 @@ class Spool:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise CorruptRecord("not a regular file")
-            if info.st_size > self.max_size:
+            if info.st_size > self.read_cap:
                 raise CorruptRecord(f"larger than max_message_size ({info.st_size} bytes)")
             if info.st_size > limit:
                 return None
-            return _read_all(fd, info.st_size)
+            data = _read_all(fd, info.st_size)
         finally:
             os.close(fd)
+        # The bound is on the record; its update lines (a settle's changes) have room of
+        # their own, so a message near the limit is not lost to its own retries.
+        end = data.find(UPDATE_MARK)
+        if (len(data) if end < 0 else end) > self.max_size:
+            raise CorruptRecord(f"larger than max_message_size ({info.st_size} bytes)")
+        return data
 
     def ids(self, state: str) -> list[str]:
         """Ids of the messages in a flat state folder, oldest first."""
@@ -629,15 +692,31 @@ def decode_record(data: bytes) -> dict[str, Any]:
             update = _load(line)
         except CorruptRecord as exc:  # a torn line is a sender's crash before its sync
             raise CorruptRecord(f"update line {number}: {exc.reason}") from None
-        changed, removed = (update.get("set"), update.get("unset", [])) \
-            if isinstance(update, dict) else (None, None)
-        if not (isinstance(changed, dict) and isinstance(removed, list)
-                and all(isinstance(key, str) for key in removed)):
+        if not isinstance(update, dict) or not _apply(record, update):
             raise CorruptRecord(f"update line {number}: malformed")
-        record.update(changed)
-        for key in removed:
-            record.pop(key, None)
     return _check_record(record)
+
+
+def _apply(record: dict[str, Any], update: dict[str, Any]) -> bool:
+    """Apply one update line to ``record``; False if it is not one."""
+    changed, removed, spliced = (update.get("set"), update.get("unset", []),
+                                 update.get("splice", {}))
+    if not (isinstance(changed, dict) and isinstance(removed, list) and isinstance(
+            spliced, dict) and all(isinstance(key, str) for key in removed)):
+        return False
+    record.update(changed)
+    for key in removed:
+        record.pop(key, None)
+    for key, change in spliced.items():
+        text = record.get(key)
+        if not (isinstance(text, str) and isinstance(change, list) and len(change) == 3):
+            return False
+        start, count, inserted = change
+        if not (type(start) is int and type(count) is int and isinstance(inserted, str)
+                and start >= 0 and count >= 0 and start + count <= len(text)):
+            return False
+        record[key] = text[:start] + inserted + text[start + count:]
+    return True
 
 
 def _load(data: bytes) -> Any:
