@@ -1,8 +1,9 @@
 """Delivering one claimed message: the policy every store shares.
 
 ``Delivery`` sends a claimed record through a transport and decides its next state: an
-acceptance is made durable (``_persist_accepted``) before anything else, so a crash from
-then on finishes the message as passed instead of sending it again; a refusal fails it,
+acceptance is made durable (``_persist_accepted``, or by the settle that records it:
+``_note_accepted``) before the message leaves its claim, so a crash from then on
+finishes the message as passed instead of sending it again; a refusal fails it,
 a deferral times its next attempt (``RetryPolicy``), a relay that is down requeues it
 uncharged. Where those facts are written is the store's part: the file store's
 ``sender.Dispatcher`` (journal and state folders), the PostgreSQL store's
@@ -96,6 +97,12 @@ class Delivery(ABC):
     async def _persist_accepted(self, entry: dict[str, Any]) -> None:
         """Make the server's acceptance of a claimed message durable (raise OSError if
         it cannot be): from then on a crash finishes it as passed, never resends it."""
+
+    async def _note_accepted(self, entry: dict[str, Any]) -> None:
+        """The acceptance of a whole attempt, its settle next: durable at once by default.
+        A store whose settle makes the acceptance durable in the same sync, before the
+        message leaves its claim, may only write it here."""
+        await self._persist_accepted(entry)
 
     @abstractmethod
     async def _settle(self, state: str, record: dict[str, Any]) -> None:
@@ -225,7 +232,7 @@ class Delivery(ABC):
     async def _accepted(self, record: dict[str, Any], entry: dict[str, Any]) -> str:
         msg_id = record["id"]
         try:
-            await self._persist_accepted(entry)
+            await self._note_accepted(entry)
         except OSError as exc:
             logger.error("message %s was accepted, but the store cannot record it (%s): "
                          "recording its next state directly", msg_id, exc)
