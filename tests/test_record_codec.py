@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ess_async import Client, Manager
-from ess_async import spool as spool_module
+from ess_async import record as record_module
 from ess_async.journal import _encode, replay
 from ess_async.spool import CorruptRecord, Spool, decode_record, encode_record
 
@@ -30,7 +30,7 @@ def old_encode(record: dict[str, Any]) -> bytes:
 def old_reason(data: bytes) -> str:
     """Why the json-only decoder (before orjson) refused ``data``."""
     try:
-        spool_module._check_record(spool_module._decode_json(data))
+        record_module._check_record(record_module._decode_json(data))
     except CorruptRecord as exc:
         return exc.reason
     raise AssertionError("the old decoder took it")

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from .faults import fail_point
-from .spool import plain_json
+from .record import plain_json
 
 __all__ = ("Journal", "replay")
 
