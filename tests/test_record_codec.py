@@ -158,7 +158,8 @@ def test_settle_reports_each_failed_item_and_keeps_its_active_copy(tmp_path: Pat
         os.rename(p, spool.path("active", p.stem))
     ok = {**decode_record(claimed[other.stem]), "state": "deferred", "attempts": 1}
     gone = {**record, "id": "01000000000000000000-n00000000", "state": "deferred"}
-    errors = spool.settle_many([(gone["id"], "deferred", gone), (other.stem, "deferred", ok)])
+    errors = spool.settle_many([(gone["id"], "deferred", gone, None),
+                                (other.stem, "deferred", ok, claimed[other.stem])])
     assert isinstance(errors[0], FileNotFoundError) and errors[1] is None
     assert spool.path("active", path.stem).read_bytes() == claimed[path.stem]  # untouched
     assert not spool.path("active", other.stem).exists()

@@ -132,7 +132,7 @@ def test_a_failed_append_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(spool_module, "_write_all", half_then_full)
-    (error,) = spool.settle_many([(path.stem, "deferred", record)])
+    (error,) = spool.settle_many([(path.stem, "deferred", record, claimed)])
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC
     assert spool.path("active", path.stem).read_bytes() == claimed
 

@@ -180,14 +180,16 @@ def _is_time(value: object) -> bool:
         return False
 
 
-def decode_record(data: bytes) -> dict[str, Any]:
+def decode_record(data: bytes, *, check: bool = True) -> dict[str, Any]:
     """Parse and check a spool file: its record with its update lines applied in order.
-    Raise CorruptRecord (naming the key, or the update line) for anything else."""
+    Raise CorruptRecord (naming the key, or the update line) for anything else.
+    ``check=False`` skips the record's checks (for bytes already read and checked)."""
     if not data:
         raise CorruptRecord("empty file")
     mark = data.find(UPDATE_MARK)
     if mark < 0:
-        return _check_record(_load(data))
+        record = _load(data)
+        return _check_record(record) if check or not isinstance(record, dict) else record
     record = _load(data[:mark])
     if not isinstance(record, dict):
         raise CorruptRecord("not a JSON object")
@@ -198,7 +200,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
             raise CorruptRecord(f"update line {number}: {exc.reason}") from None
         if not isinstance(update, dict) or not _apply(record, update):
             raise CorruptRecord(f"update line {number}: malformed")
-    return _check_record(record)
+    return _check_record(record) if check else record
 
 
 def _apply(record: dict[str, Any], update: dict[str, Any]) -> bool:

@@ -68,10 +68,12 @@ class Dispatcher(Delivery):
         self.journal = journal
         self.last_settled: tuple[str, dict[str, Any]] | None = None  # by settle_claim
         self._quarantine = aiofiles.os.wrap(spool.quarantine)
-        self._commits: Batcher[tuple[str, dict[str, Any]], None] = Batcher(self._commit)
+        self._commits: Batcher[tuple[str, dict[str, Any], bytes | None], None] = \
+            Batcher(self._commit)
         self._claims: list[tuple[WorkItem, asyncio.Future[_Claim]]] = []
         self.claiming: set[str] = set()  # ids whose claim (rename) is in flight
         self.sizes: dict[str, int] = {}  # claimed id -> its file's size when claimed
+        self.bases: dict[str, bytes] = {}  # claimed id -> its file's bytes (small ones)
         self._claimer: asyncio.Future[None] | None = None
 
     # -- one message -----------------------------------------------------------------
@@ -99,7 +101,7 @@ class Dispatcher(Delivery):
         finally:
             if self.claimed.get(msg_id) is None:  # an accepted one is released by _accepted
                 self.claimed.pop(msg_id, None)
-                self.sizes.pop(msg_id, None)
+                self._drop(msg_id)
                 self.journal.settle(msg_id)
 
     async def _claim(self, item: WorkItem) -> _Claim:
@@ -184,7 +186,10 @@ class Dispatcher(Delivery):
                 entry: dict[str, Any] = {"op": "claim", "id": item.msg_id, "at": at}
                 if isinstance(result, tuple):
                     # What was claimed: bytes beyond it are this claim's settle.
-                    entry["size"] = self.sizes[item.msg_id] = result[1]
+                    claimed = result[1]
+                    entry["size"] = self.sizes[item.msg_id] = len(claimed)
+                    if len(claimed) <= _INLINE_BYTES:  # its settle's diff base, kept
+                        self.bases[item.msg_id] = claimed
                 entries.append(entry)
             try:
                 self.journal.append_many(entries)
@@ -206,8 +211,12 @@ class Dispatcher(Delivery):
                 if not future.done():
                     future.set_result(outcome)
 
-    def _unclaim(self, msg_id: str) -> None:
+    def _drop(self, msg_id: str) -> None:
         self.sizes.pop(msg_id, None)
+        self.bases.pop(msg_id, None)
+
+    def _unclaim(self, msg_id: str) -> None:
+        self._drop(msg_id)
         self.journal.settle(msg_id)
         try:
             self.spool.rename(msg_id, "active", "queued")
@@ -233,20 +242,21 @@ class Dispatcher(Delivery):
         appends what changed to its file and renames it, in one thread job shared by
         concurrent senders, with one filesystem sync (a group commit), off the loop."""
         try:
-            await self._commits.submit((state, record))
+            await self._commits.submit((state, record, self.bases.get(record["id"])))
         except OSError:
             if self.claimed.get(record["id"]) is not None:  # accepted: its entry, durably
                 with contextlib.suppress(OSError):
                     await self.journal.sync()
             raise
-        self.sizes.pop(record["id"], None)
+        self._drop(record["id"])
 
-    async def _commit(self, batch: list[tuple[str, dict[str, Any]]]) -> list[OSError | None]:
+    async def _commit(self, batch: list[tuple[str, dict[str, Any], bytes | None]]
+                      ) -> list[OSError | None]:
         """A group commit (``Batcher``): per record the error that kept it out, or None."""
         try:
             return await asyncio.to_thread(
-                self.spool.settle_many, [(record["id"], state, record)
-                                         for state, record in batch])
+                self.spool.settle_many, [(record["id"], state, record, claimed)
+                                         for state, record, claimed in batch])
         except Exception as exc:  # OSError, or a record's path that cannot be made
             errno = exc.errno if isinstance(exc, OSError) and exc.errno else 5
             raise SpoolError(errno, f"cannot commit: {exc}") from None
@@ -298,7 +308,7 @@ class Dispatcher(Delivery):
             assert entry is not None
             record["attempts"] = record.get("attempts", 0) + 1
             state, settled = self.settle_accepted(record, entry)
-            (error,) = self.spool.settle_many([(msg_id, state, settled)])
+            (error,) = self.spool.settle_many([(msg_id, state, settled, None)])
             if error is not None:
                 raise error
             self._forget(msg_id)
@@ -370,7 +380,7 @@ class Dispatcher(Delivery):
     def _forget(self, msg_id: str) -> None:
         """``msg_id`` has reached a durable next state: drop what this run kept of it."""
         self.unsettled.pop(msg_id, None)
-        self.sizes.pop(msg_id, None)
+        self._drop(msg_id)
         if self.claimed.get(msg_id) is not None:
             del self.claimed[msg_id]
         self.journal.settle(msg_id)

@@ -280,11 +280,12 @@ class Spool:
         """Atomically write ``record`` as ``<state>/<id>.json`` (sharded by date when final)."""
         return self.write_file(self.target(state, record), encode_record(record))
 
-    def settle_many(self, items: list[tuple[str, str, dict[str, Any]]]
+    def settle_many(self, items: list[tuple[str, str, dict[str, Any], bytes | None]]
                     ) -> list[OSError | None]:
-        """Move a batch of claimed messages, ``(id, state, record)``, to their next states
-        (a group commit) without a new file: append to each claimed file the update line
-        from what it holds to ``record``, make them all durable with one filesystem sync
+        """Move a batch of claimed messages, ``(id, state, record, claimed)``, to their
+        next states (a group commit) without a new file: append to each claimed file the
+        update line from what it holds (``claimed``, the bytes read when it was claimed,
+        or read now if None) to ``record``, make them all durable with one filesystem sync
         (a lone one: its own fsync), rename each into its state's folder, then fsync
         those folders. A crash before a rename leaves the file in ``active/`` with its
         update, whole or torn; recovery tells it from the claim by the size journaled
@@ -301,15 +302,19 @@ class Spool:
         staged: list[tuple[int, str, Path]] = []
         each = len(items) == 1 or _SYNCFS is None
         active = self._dirs["active"]
-        for msg_id, state, record in items:
+        for msg_id, state, record, claimed in items:
             path = f"{active}/{msg_id}.json"
             try:
                 target = self.target(state, record)
-                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+                # Given the claimed bytes, two system calls fewer (and fewer waits for
+                # the GIL the event loop holds).
+                fd = os.open(path, (os.O_RDWR if claimed is None else os.O_WRONLY)
+                             | os.O_APPEND | os.O_NOFOLLOW)
                 try:
-                    data = _read_all(fd, os.fstat(fd).st_size)
+                    data = _read_all(fd, os.fstat(fd).st_size) if claimed is None \
+                        else claimed
                     try:
-                        update = encode_update(decode_record(data), record)
+                        update = encode_update(decode_record(data, check=False), record)
                     except CorruptRecord as exc:  # changed under its claim: never expected
                         raise OSError(errno.EIO, f"claimed file unreadable: {exc.reason}"
                                       ) from None
@@ -391,13 +396,13 @@ class Spool:
         return True
 
     def claim_many(self, claims: list[tuple[str, tuple[str, ...]]]
-                   ) -> list[tuple[dict[str, Any], int] | CorruptRecord | OSError | None]:
+                   ) -> list[tuple[dict[str, Any], bytes] | CorruptRecord | OSError | None]:
         """Claim messages by renaming each into ``active/`` from the first of its source
         folders that has it, and read their records (a thread job for a batch of
-        senders). Per message: its record and its file's size (what was claimed: bytes
-        beyond it are this claim's settle, see ``settle_many``), None (in none of its
+        senders). Per message: its record and its file's bytes (what was claimed: bytes
+        beyond them are this claim's settle, see ``settle_many``), None (in none of its
         sources), the CorruptRecord its file is, or the OSError met (renamed or not)."""
-        results: list[tuple[dict[str, Any], int] | CorruptRecord | OSError | None] = []
+        results: list[tuple[dict[str, Any], bytes] | CorruptRecord | OSError | None] = []
         for msg_id, sources in claims:
             try:
                 if not any(self.rename(msg_id, source, "active") for source in sources):
@@ -410,7 +415,7 @@ class Spool:
                 record = decode_record(data)
                 if record["id"] != msg_id:
                     raise CorruptRecord("record id does not match its file name")
-                results.append((record, len(data)))
+                results.append((record, data))
             except (CorruptRecord, OSError) as exc:
                 results.append(exc)
         return results
