@@ -116,8 +116,8 @@ async def test_settle_whose_folder_fsync_failed_is_recorded_once(
         assert (outcome.state, outcome.code) == ("passed", 250)
         assert manager._run is not None
         dispatcher = manager._run.dispatcher
-        for _ in range(500):  # the retry comes on the settler's next round
-            if not dispatcher.unsettled:
+        for _ in range(500):  # the file is moved before the retry records it
+            if dispatcher.summary.passed and not dispatcher.unsettled:
                 break
             await asyncio.sleep(0.02)
         summary = dispatcher.summary
