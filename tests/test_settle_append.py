@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +27,7 @@ from ess_async.spool import (
 )
 
 from .conftest import FakeClock, SMTPServer, make_config, write_config
-
-
-def run_cli(workspace: Path, *args: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "ESS_TEST_CRASH_AT"}
-    return subprocess.run([sys.executable, "-m", "ess_async", "--log-level", "WARNING", *args,
-                           "--workspace", str(workspace)], env=env, capture_output=True,
-                          timeout=60).returncode
+from .test_crash import run_cli
 
 
 def final_files(ws: Path) -> dict[str, list[Path]]:

@@ -143,8 +143,6 @@ def _common_prefix(a: str, b: str) -> int:
     return size
 
 
-
-
 _SAFE_ADDRESS = re.compile(r"^[^\s<>\x00-\x1f\x7f]+@[^\s<>\x00-\x1f\x7f@]+$")
 _REQUIRED = {"id": str, "mail_from": str, "recipients": list, "raw": str, "attempts": int,
              "created_at": (int, float)}

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import stat
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -28,7 +26,15 @@ from .expiry import is_expired
 from .faults import crash_point
 from .journal import Journal
 from .retry import RetryPolicy
-from .spool import SETTLE_STATES, UPDATE_MARK, CorruptRecord, Spool, decode_record, fsync_dir
+from .spool import (
+    SETTLE_STATES,
+    UPDATE_MARK,
+    CorruptRecord,
+    Spool,
+    cut_back,
+    decode_record,
+    fsync_dir,
+)
 from .throttle import Throttle
 from .transports import SendResult, Transport
 
@@ -329,9 +335,9 @@ class Dispatcher(Delivery):
         names), a torn last line (never synced) is cut off. Without ``size`` a file is moved
         to the state its record names if that is not queued/ (the undone claim's
         place anyway). True if the message is settled (moved now, or found moved)."""
-        path = str(self.spool.path("active", msg_id))
+        path = self.spool.path("active", msg_id)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+            data = self.spool.read_bytes(path, self.spool.read_cap)
         except FileNotFoundError:
             # Moved already (the folder's fsync may have failed): make that durable.
             found = self.spool.find(msg_id, SETTLE_STATES) if size is not None else None
@@ -341,37 +347,27 @@ class Dispatcher(Delivery):
             with contextlib.suppress(CorruptRecord, OSError):
                 self.last_settled = (found[0], self.spool.read(found[1]))
             return True
-        except OSError:
-            return False  # a link, a folder...: the usual path quarantines it
+        except CorruptRecord:
+            return False  # a link, a folder, too big...: the usual path quarantines it
+        assert data is not None
+        if (len(data) <= size) if size is not None else (UPDATE_MARK not in data):
+            return False  # nothing appended: the claim is undone or finished as before
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size > self.spool.read_cap:
-                return False  # the usual path quarantines it
-            data = os.read(fd, info.st_size + 1)
-            if (len(data) <= size) if size is not None else (UPDATE_MARK not in data):
-                return False  # nothing appended: the claim is undone or finished as before
-            try:
-                record = decode_record(data)
-            except CorruptRecord:
-                # Torn: its sender died before the sync, so that settle never happened.
-                # Only the last line can be (the others were synced), and every update
-                # line starts with a newline: cut from the last one, if what stays reads.
-                cut = data.rfind(b"\n")
-                if cut < 0 or (size is not None and cut < size) or not _reads(data[:cut]):
-                    return False  # not a torn update: the usual path quarantines it
-                os.ftruncate(fd, cut)
-                os.fsync(fd)
-                return False
-            state = record["state"]
-            if state not in SETTLE_STATES or record["id"] != msg_id or (
-                    size is None and state == "queued"):
-                return False
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        target = self.spool.target(state, record)
-        os.rename(path, target)
-        fsync_dir(target.parent)
+            record = decode_record(data)
+        except CorruptRecord:
+            # Torn: its sender died before the sync, so that settle never happened. Only
+            # the last line can be (the others were synced), and every update line starts
+            # with a newline: cut from the last one, if what stays reads.
+            cut = data.rfind(b"\n")
+            if cut < 0 or (size is not None and cut < size) or not _reads(data[:cut]):
+                return False  # not a torn update: the usual path quarantines it
+            cut_back(path, cut)
+            return False
+        state = record["state"]
+        if state not in SETTLE_STATES or record["id"] != msg_id or (
+                size is None and state == "queued"):
+            return False
+        self.spool.finish_settle(msg_id, state, record)
         self.last_settled = (state, record)
         logger.info("message %s: its settle as %s was interrupted; carried out now", msg_id,
                     state)

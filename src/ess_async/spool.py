@@ -12,6 +12,7 @@ re-exported here with the record codec's other names).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -49,6 +50,7 @@ __all__ = (
     "UPDATE_MARK",
     "CorruptRecord",
     "Spool",
+    "cut_back",
     "decode_record",
     "encode_record",
     "encode_update",
@@ -181,18 +183,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _cut(path: str, size: int) -> None:
-    """Take a claimed file back to what was claimed (a partly written update cut off),
-    durably. If that fails too, recovery does it (by the claim's journaled size)."""
+def cut_back(path: Path | str, size: int) -> None:
+    """Take a claimed file back to its first ``size`` bytes (a partly written or torn
+    update cut off), durably."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _shard_names: dict[int, str] = {}
@@ -323,7 +322,9 @@ class Spool:
                         if each:
                             os.fsync(fd)
                     except BaseException:
-                        _cut(path, len(data))
+                        # If this fails too, recovery cuts it (the claim's journaled size).
+                        with contextlib.suppress(OSError):
+                            cut_back(path, len(data))
                         raise
                 finally:
                     os.close(fd)
@@ -409,7 +410,7 @@ class Spool:
                     results.append(None)
                     continue
                 crash_point("after_claim_rename")  # renamed, its claim not yet journaled
-                data = self._read_bytes(f"{self._dirs['active']}/{msg_id}.json",
+                data = self.read_bytes(f"{self._dirs['active']}/{msg_id}.json",
                                         self.read_cap)
                 assert data is not None
                 record = decode_record(data)
@@ -419,6 +420,17 @@ class Spool:
             except (CorruptRecord, OSError) as exc:
                 results.append(exc)
         return results
+
+    def finish_settle(self, msg_id: str, state: str, record: dict[str, Any]) -> Path:
+        """Carry out a settle interrupted after its update was appended to the claimed
+        file (``record`` is that file's merged record): sync the file, move it into
+        ``state``'s folder, sync that folder. Returns its new path."""
+        path = self.path("active", msg_id)
+        _sync_data(self.tmp, [path])
+        target = self.target(state, record)
+        os.rename(path, target)
+        fsync_dir(target.parent)
+        return target
 
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move an unusable file into corrupt/ (never following links) and note why."""
@@ -449,10 +461,12 @@ class Spool:
     def read_small(self, path: Path | str, limit: int) -> dict[str, Any] | None:
         """``read``, or None (nothing read) if the file is bigger than ``limit`` bytes
         (and within ``max_size``): the sender reads those off the event loop."""
-        data = self._read_bytes(path, limit)
+        data = self.read_bytes(path, limit)
         return None if data is None else decode_record(data)
 
-    def _read_bytes(self, path: Path | str, limit: int) -> bytes | None:
+    def read_bytes(self, path: Path | str, limit: int) -> bytes | None:
+        """A spool file's bytes, checked as ``read_small`` checks them (CorruptRecord for
+        a link, a non-file or an oversized record), or None if bigger than ``limit``."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
